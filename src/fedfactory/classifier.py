@@ -1,0 +1,104 @@
+"""The classifier every method trains: a small VGG-style CNN, its training loop and its predictions.
+
+Server mode, the centralized reference and the baselines all call these functions, so a comparison
+differs only in the data the classifier sees.
+"""
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from fedfactory.config import ClassifierConfig
+from fedfactory.data.datasets import to_float
+
+
+def build_classifier(image_channels: int, num_classes: int, width: int = 32) -> nn.Module:
+    """Two conv-conv-pool stages, a conv, global average pooling and a linear head (BatchNorm throughout)."""
+
+    def conv(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    w = width
+    return nn.Sequential(
+        *conv(image_channels, w), *conv(w, w), nn.MaxPool2d(2),
+        *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),
+        *conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
+    )
+
+
+def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and/or random 2-pixel translations (zero padding), drawn from gen."""
+    b = x.shape[0]
+    if "flip" in kind:
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
+    if "crop" in kind:
+        pad = 2
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (pad, pad, pad, pad), value=-1.0)
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).tolist()
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).tolist()
+        x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    return x
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ClassifierConfig,
+                     seed: int, device: torch.device, desc: str = "classifier", progress: bool = True) -> nn.Module:
+    """Train from scratch on uint8 images (N, H, W, C) with AdamW and a one-cycle schedule."""
+    if len(images) < cfg.batch_size:
+        raise ValueError(f"{desc}: {len(images)} training images, fewer than classifier.batch_size={cfg.batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # parameter init
+    model = build_classifier(images.shape[3], num_classes, cfg.width).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(images) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    use_amp = device.type == "cuda"
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(images), generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for i in bar:
+            # Scale one uint8 batch to [-1, 1] float; the synthetic set itself stays uint8.
+            b = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = torch.from_numpy(to_float(images[b.numpy()]))
+            x = augment(x, cfg.augment, gen).to(device) if cfg.augment != "none" else x.to(device)
+            y = y_all[b].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if i % 50 == 0:
+                seen = (epoch * steps_per_epoch + i + 1) * cfg.batch_size
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities (N, num_classes) as float64 for uint8 images (N, H, W, C)."""
+    model.eval()
+    out = [model(torch.from_numpy(to_float(images[i:i + batch_size])).to(device)).float().softmax(1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).double().numpy()
+
+
+@torch.no_grad()
+def predict_log_proba(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1000) -> np.ndarray:
+    """Log class probabilities (N, num_classes); summing these over experts gives a product of experts."""
+    model.eval()
+    out = [model(torch.from_numpy(to_float(images[i:i + batch_size])).to(device)).float().log_softmax(1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).double().numpy()

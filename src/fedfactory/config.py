@@ -1,0 +1,212 @@
+"""Frozen per-stage configs loaded from TOML presets with type-checked `section.key=value` overrides."""
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the valid choices."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    out: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads for torch; 0 = all cores
+    progress: bool = True  # tqdm bars on stderr
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # digits | fashion-mnist | cifar10 | medmnist:<subset> | isic2019
+    root: str = ""  # directory of the dataset files; "" = the dataset's default location
+    image_size: int = 0  # resize square images to this size; 0 = native
+    partition: str = "pathological"  # iid | pathological | dirichlet | natural
+    num_clients: int = 10
+    classes_per_client: int = 1
+    alpha: float = 0.5  # Dirichlet concentration
+    min_partition_size: int = 10
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    family: str = "aegmm"  # aegmm (autoencoder + Gaussian mixture) | edm (pixel diffusion)
+    steps: int = 3000  # optimizer steps per module
+    batch_size: int = 64
+    lr: float = 2e-3
+    channels: int = 32  # base width of the network
+    latent_dim: int = 32  # aegmm: latent size
+    mixture_components: int = 20  # aegmm: Gaussian mixture components
+    sampler_steps: int = 18  # edm: Heun steps
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    samples_per_class: int = 3000
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    mode: str = "server"  # server | local
+    width: int = 32  # base channels of the CNN
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    augment: str = "none"  # none | flip | crop | crop+flip
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    centralized: bool = True  # also train the same classifier on the pooled real data
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+
+
+CHOICES = {
+    ("run", "device"): ("auto", "cpu", "cuda"),
+    ("data", "partition"): ("iid", "pathological", "dirichlet", "natural"),
+    ("generator", "family"): ("aegmm", "edm"),
+    ("classifier", "mode"): ("server", "local"),
+    ("classifier", "augment"): ("none", "flip", "crop", "crop+flip"),
+}
+POSITIVE = {
+    ("run", "threads"): 0, ("data", "num_clients"): 1, ("data", "classes_per_client"): 1,
+    ("data", "min_partition_size"): 0, ("data", "image_size"): 0,
+    ("generator", "steps"): 1, ("generator", "batch_size"): 1, ("generator", "channels"): 1,
+    ("generator", "latent_dim"): 1, ("generator", "mixture_components"): 1, ("generator", "sampler_steps"): 1,
+    ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1,
+    ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "batch_size"): 1,
+}
+PRESET_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
+
+
+def valid_keys() -> list[str]:
+    return [f"{s.name}.{f.name}" for s in fields(Config) for f in fields(s.type)]
+
+
+def _coerce(key: str, value, kind: type):
+    """Check or convert a TOML value or override string to the field's type."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                return text.lower() in ("true", "1")
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected {kind.__name__}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key}={value!r}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _validate(cfg: Config) -> Config:
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}={value!r}: valid values are {', '.join(choices)}")
+    for (section, key), low in POSITIVE.items():
+        value = getattr(getattr(cfg, section), key)
+        if value < low:
+            raise ConfigError(f"{section}.{key}={value}: must be >= {low}")
+    for key in ("lr",):
+        if cfg.generator.lr <= 0 or cfg.classifier.lr <= 0:
+            raise ConfigError(f"generator.{key} and classifier.{key} must be > 0")
+    if cfg.data.alpha <= 0:
+        raise ConfigError(f"data.alpha={cfg.data.alpha}: the Dirichlet concentration must be > 0")
+    if cfg.classifier.weight_decay < 0 or not 0 <= cfg.classifier.label_smoothing < 1:
+        raise ConfigError("classifier.weight_decay must be >= 0 and classifier.label_smoothing in [0, 1)")
+    return cfg
+
+
+def apply(cfg: Config, values: dict[str, object]) -> Config:
+    """Return cfg with dotted keys replaced; unknown keys and wrong types raise ConfigError."""
+    sections = {s.name: getattr(cfg, s.name) for s in fields(Config)}
+    for dotted, value in values.items():
+        section, _, key = dotted.partition(".")
+        types = {f.name: f.type for f in fields(sections[section])} if section in sections else {}
+        if key not in types:
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys: {', '.join(valid_keys())}")
+        sections[section] = dataclasses.replace(sections[section], **{key: _coerce(dotted, value, types[key])})
+    return _validate(Config(**sections))
+
+
+def _flatten(table: dict, path: str) -> dict[str, object]:
+    flat = {}
+    for section, body in table.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]; valid keys: {', '.join(valid_keys())}")
+        flat.update({f"{section}.{k}": v for k, v in body.items()})
+    return flat
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A path to a TOML file, or a preset name looked up in configs/."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        return path
+    for folder in PRESET_DIRS:
+        if (folder / f"{name_or_path}.toml").is_file():
+            return folder / f"{name_or_path}.toml"
+    names = sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.toml")})
+    raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(names)}")
+
+
+def load_config(preset: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then a TOML preset or file, then `section.key=value` overrides."""
+    values: dict[str, object] = {}
+    if preset:
+        path = resolve_preset(preset)
+        try:
+            values.update(_flatten(tomllib.loads(path.read_text()), str(path)))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        values[key.strip()] = value
+    return apply(Config(), values)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialize a config as TOML that load_config reads back to an equal config."""
+    lines = []
+    for section, body in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in body.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of everything that can change a result: run.out and run.progress only say where and how loudly."""
+    d = to_dict(cfg)
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("out", "progress")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,68 @@
+"""The server's factory: a registry of module files, class-balanced synthesis, classifier training."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fedfactory.generative.artifact import ModuleError, load_module, module_filename
+from fedfactory.generative.train import expected_tensors, sample_module
+
+
+def module_spec(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The `expected` callback for artifact validation: a bad network config is a refused module."""
+    try:
+        return expected_tensors(manifest)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModuleError(f"module {manifest.get('module_id')}: network config does not define a valid network ({e})") from None
+
+
+def load_registry(modules_dir: Path) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """Load and validate every module in a directory (the registry is the directory), sorted by module id."""
+    modules = []
+    for path in sorted(Path(modules_dir).glob("*.safetensors")):
+        manifest, tensors = load_module(path, expected=module_spec)
+        if path.name != module_filename(manifest["module_id"]):
+            raise ModuleError(f"{path}: file name does not match module id {manifest['module_id']}; rename or remove it")
+        modules.append((manifest, tensors))
+    return modules
+
+
+def allocate(counts: list[int], total: int) -> list[int]:
+    """Split `total` samples in proportion to `counts` (largest remainder; ties go to the earlier entry)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(counts) == 0 or counts.sum() <= 0:
+        return [0] * len(counts)
+    exact = counts / counts.sum() * total
+    base = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - base), kind="stable")
+    base[order[: total - int(base.sum())]] += 1
+    return base.tolist()
+
+
+def plan_synthesis(manifests: list[dict], num_classes: int, samples_per_class: int) -> dict[str, int]:
+    """Module id -> how many images it contributes: each class gets samples_per_class images, drawn from its
+    holders' modules in proportion to their real counts n_{k,c} (the mixture of the paper's class-wise factory)."""
+    plan = {}
+    for c in range(num_classes):
+        holders = sorted((m for m in manifests if m["class_id"] == c), key=lambda m: m["module_id"])
+        for m, n in zip(holders, allocate([m["num_samples"] for m in holders], samples_per_class), strict=True):
+            plan[m["module_id"]] = n
+    return plan
+
+
+def synthesize(modules: list[tuple[dict, dict[str, torch.Tensor]]], num_classes: int, samples_per_class: int,
+               root_seed: int, device: torch.device, batch_size: int = 500,
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """A class-balanced synthetic set as uint8 images (N, H, W, C) and int64 labels, plus the plan used."""
+    plan = plan_synthesis([m for m, _ in modules], num_classes, samples_per_class)
+    images, labels = [], []
+    for manifest, tensors in tqdm(modules, desc="synthesis", unit="module", disable=not progress, leave=False):
+        n = plan.get(manifest["module_id"], 0)
+        imgs = sample_module(tensors, manifest, range(n), root_seed, device, batch_size)
+        images.append(imgs)
+        labels.append(np.full(n, manifest["class_id"], dtype=np.int64))
+    if not images:
+        raise ValueError("no modules to synthesize from: the registry is empty")
+    return np.concatenate(images), np.concatenate(labels), plan

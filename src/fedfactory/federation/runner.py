@@ -1,0 +1,229 @@
+"""The in-process runner: every client and the server in one process, writing one run directory.
+
+Stages, each a call into the client or factory functions that the Flower apps call too:
+load data -> partition -> client modules (G_{k,c}, one file each) -> synthesis -> classifier -> evaluation.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from fedfactory.classifier import predict_proba, train_classifier
+from fedfactory.config import Config, config_hash, to_toml
+from fedfactory.data.datasets import ImageDataset, load_dataset
+from fedfactory.data.partition import class_histogram, format_histogram, partition
+from fedfactory.device import select_device
+from fedfactory.federation.client import held_classes, train_client_module
+from fedfactory.federation.factory import load_registry, module_spec, synthesize
+from fedfactory.generative.artifact import ModuleError, load_module, module_filename, module_id, save_module
+from fedfactory.metrics import evaluate, format_table
+from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedfactory.seeding import derive_seed
+
+log = logging.getLogger("fedfactory")
+
+
+class RunDirError(ValueError):
+    """The run directory belongs to a different config or cannot be used."""
+
+
+@dataclass
+class Timer:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create runs/<name>/ or reuse it when its config.toml equals this config; refuse a different one."""
+    out = Path(cfg.run.out)
+    saved = out / "config.toml"
+    if saved.exists():
+        from fedfactory.config import load_config
+
+        if config_hash(load_config(str(saved))) != config_hash(cfg):
+            raise RunDirError(f"{out} holds a run with a different config; choose another run.out or delete {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "modules").mkdir(exist_ok=True)
+    atomic_write_text(saved, to_toml(cfg))
+    return out
+
+
+def setup_logging(out: Path) -> None:
+    """Log to stdout and to <run>/log.txt (appending, so a resumed run keeps its history)."""
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(), logging.FileHandler(out / "log.txt")):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.propagate = False
+
+
+def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    return load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.image_size)
+
+
+def split_clients(cfg: Config, train: ImageDataset) -> list[np.ndarray]:
+    """The partition of the training rows among clients, seeded by ("partition",)."""
+    d = cfg.data
+    return partition(train.labels, d.partition, d.num_clients, derive_seed(cfg.run.seed, "partition"),
+                     num_classes=train.num_classes, classes_per_client=d.classes_per_client, alpha=d.alpha,
+                     min_partition_size=d.min_partition_size, groups=train.groups)
+
+
+def reusable_module(path: Path, cfg: Config, root_seed: int) -> bool:
+    """A finished module from an earlier attempt is reused only if it validates and was trained as asked."""
+    if not path.exists():
+        return False
+    try:
+        manifest, _ = load_module(path, expected=module_spec)
+    except ModuleError as e:
+        log.info("retraining %s: %s", path.name, e)
+        return False
+    t = manifest["training"]
+    seed = derive_seed(root_seed, "train", manifest["client_id"], manifest["class_id"])
+    return (manifest["family"] == cfg.generator.family and t["steps"] == cfg.generator.steps and t["seed"] == seed
+            and t["batch_size"] == cfg.generator.batch_size)
+
+
+def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path,
+                      device: torch.device, timer: Timer) -> None:
+    """Every client trains its modules; each is written atomically to the registry directory."""
+    for k, rows in enumerate(parts):
+        client = train.subset(rows)
+        for c, n in held_classes(client).items():
+            path = out / "modules" / module_filename(module_id(k, c))
+            if reusable_module(path, cfg, cfg.run.seed):
+                log.info("reusing %s (hash checked)", path.name)
+                continue
+            t0 = time.perf_counter()
+            tensors, manifest = train_client_module(client, k, c, cfg.generator, cfg.run.seed, device,
+                                                    progress=cfg.run.progress)
+            save_module(path, tensors, manifest)
+            dt = time.perf_counter() - t0
+            timer.add("client_training", dt)
+            log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, c, client.class_names[c],
+                     n, cfg.generator.steps, dt, path.stat().st_size)
+
+
+def save_classifier(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+def save_samples_png(images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], path: Path,
+                     per_class: int = 10) -> None:
+    """A grid with one row of synthetic samples per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(class_names), per_class, figsize=(per_class * 0.6, len(class_names) * 0.6 + 0.2))
+    axes = np.atleast_2d(axes)
+    for c, name in enumerate(class_names):
+        rows = np.flatnonzero(labels == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.axis("off")
+            if j < len(rows):
+                img = images[rows[j]]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        axes[c, 0].set_title(name, fontsize=6, loc="left")
+    fig.tight_layout(pad=0.1)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+def run(cfg: Config) -> dict:
+    """Run the whole method in one process; returns the metrics written to metrics.json."""
+    out = prepare_run_dir(cfg)
+    setup_logging(out)
+    device = select_device(cfg.run.device, cfg.run.threads)
+    timer = Timer()
+    start = time.perf_counter()
+    log.info("run %s on %s, config %s", out, device, config_hash(cfg)[:12])
+
+    # Load data and split it among clients.
+    t0 = time.perf_counter()
+    train, test = load_data(cfg)
+    parts = split_clients(cfg, train)
+    hist = class_histogram(train.labels, parts, train.num_classes)
+    atomic_write_json(out / "partition.json", {
+        "scheme": cfg.data.partition, "num_clients": len(parts), "class_names": list(train.class_names),
+        "histogram": hist.tolist(), "indices": [p.tolist() for p in parts]})
+    log.info("partition (%s), samples per client and class:\n%s", cfg.data.partition,
+             format_histogram(hist, train.class_names))
+    timer.add("data", time.perf_counter() - t0)
+
+    # Clients: one module per held class, trained from scratch.
+    train_all_modules(cfg, train, parts, out, device, timer)
+
+    # Server: validate the registry, synthesize a class-balanced set, train the classifier.
+    t0 = time.perf_counter()
+    modules = load_registry(out / "modules")
+    images, labels, plan = synthesize(modules, train.num_classes, cfg.synthesis.samples_per_class, cfg.run.seed,
+                                      device, cfg.synthesis.batch_size, progress=cfg.run.progress)
+    timer.add("synthesis", time.perf_counter() - t0)
+    log.info("synthesized %d images (%d per class) in %.1fs", len(images), cfg.synthesis.samples_per_class,
+             timer.timings["synthesis"])
+    save_samples_png(images, labels, train.class_names, out / "samples.png")
+
+    t0 = time.perf_counter()
+    model = train_classifier(images, labels, train.num_classes, cfg.classifier,
+                             derive_seed(cfg.run.seed, "classifier"), device, progress=cfg.run.progress)
+    timer.add("classifier", time.perf_counter() - t0)
+    save_classifier(model, out / "classifier.safetensors")
+
+    t0 = time.perf_counter()
+    metrics = evaluate(predict_proba(model, test.images, device), test.labels, test.class_names)
+    timer.add("evaluation", time.perf_counter() - t0)
+    timer.add("end_to_end", time.perf_counter() - start)
+
+    # Centralized reference: the same classifier and recipe on the pooled real training data.
+    rows = [("factory-server", metrics)]
+    if cfg.reference.centralized:
+        t0 = time.perf_counter()
+        ref_model = train_classifier(train.images, train.labels, train.num_classes, cfg.classifier,
+                                     derive_seed(cfg.run.seed, "classifier"), device, desc="centralized",
+                                     progress=cfg.run.progress)
+        ref = evaluate(predict_proba(ref_model, test.images, device), test.labels, test.class_names)
+        timer.add("reference", time.perf_counter() - t0)
+        metrics["reference"] = {"centralized": ref, "accuracy_ratio": metrics["accuracy"] / ref["accuracy"]}
+        rows.append(("centralized", ref))
+
+    sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
+    per_client: dict[str, int] = {}
+    for m, _ in modules:
+        per_client[str(m["client_id"])] = per_client.get(str(m["client_id"]), 0) + sizes[m["module_id"]]
+    metrics |= {
+        "timings": timer.timings,
+        "bytes": {"per_module": sizes, "per_client": per_client, "total_up": sum(sizes.values())},
+        "synthesis_plan": plan,
+        "num_modules": len(modules),
+        "generator_family": cfg.generator.family,
+        "device": str(device),
+        "config_hash": config_hash(cfg),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    table = format_table(rows)
+    if "reference" in metrics:
+        table += f"\naccuracy relative to centralized: {metrics['reference']['accuracy_ratio']:.4f}"
+    log.info("results (%s, %d test images):\n%s", test.name, len(test), table)
+    log.info("timings (s): %s", json.dumps(timer.timings))
+    return metrics

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from fedfactory.cli import main
+from fedfactory.config import load_config
+from fedfactory.federation.runner import RunDirError, run
+
+METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "macro_recall", "auroc",
+               "per_class_accuracy", "confusion_matrix", "timings", "bytes", "reference"}
+
+
+def without_timings(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "timings"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = load_config("tiny", [f"run.out={out}"])
+    return cfg, run(cfg), out
+
+
+def test_tiny_run_writes_a_self_describing_directory(tiny_run):
+    cfg, metrics, out = tiny_run
+    assert METRIC_KEYS <= metrics.keys()
+    for name in ("config.toml", "partition.json", "metrics.json", "classifier.safetensors", "samples.png", "log.txt"):
+        assert (out / name).is_file(), name
+    modules = sorted((out / "modules").glob("*.safetensors"))
+    assert [p.stem for p in modules] == [f"client-{k:03d}_class-{k:03d}" for k in range(10)]
+    assert metrics["bytes"]["per_module"]["client-003_class-003"] == modules[3].stat().st_size
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert sum(metrics["synthesis_plan"].values()) == 10 * cfg.synthesis.samples_per_class
+    assert 0 <= metrics["reference"]["accuracy_ratio"]
+    assert len(json.loads((out / "partition.json").read_text())["histogram"]) == 10
+
+
+def test_same_seed_gives_identical_metrics_and_resume_reuses_modules(tiny_run, tmp_path):
+    cfg, metrics, out = tiny_run
+    again = run(load_config("tiny", [f"run.out={tmp_path / 'again'}"]))
+    assert without_timings(again) == without_timings(metrics)
+    # Re-running the same command in the same directory reuses every module (hash checked).
+    resumed = run(cfg)
+    assert "client_training" not in resumed["timings"]
+    assert without_timings(resumed) == without_timings(metrics)
+
+
+def test_a_run_directory_from_another_config_is_refused(tiny_run):
+    cfg, _, out = tiny_run
+    with pytest.raises(RunDirError, match="different config"):
+        run(load_config("tiny", [f"run.out={out}", "generator.steps=3"]))
+
+
+def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
+    assert main(["run", "--config", "tiny", "generator.stepz=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'generator.stepz'" in err and "Traceback" not in err
+    assert main(["run", "--config", "tiny", f"run.out={tmp_path}/x", "data.dataset=fashion-mnist",
+                 f"data.root={tmp_path}/nowhere"]) == 2
+    assert "fashion-mnist" in capsys.readouterr().err
