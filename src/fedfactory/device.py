@@ -10,7 +10,8 @@ def select_device(name: str = "auto", threads: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device=cuda but no CUDA device is available; use run.device=auto or cpu")
     device = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
+    # run.threads=0 means OMP_NUM_THREADS when set, else every core this process may use.
+    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
     # Deterministic kernels make the same seed give the same bits (needed for exact unlearning checks).
     torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     if device.type == "cuda":

@@ -36,6 +36,7 @@ class RunDirError(ValueError):
 @dataclass
 class Timer:
     timings: dict[str, float] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
 
     def add(self, phase: str, seconds: float) -> None:
         self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
@@ -150,38 +151,17 @@ def save_samples_png(images: np.ndarray, labels: np.ndarray, class_names: tuple[
     tmp.unlink()
 
 
-def run(cfg: Config) -> dict:
-    """Run the whole method in one process; returns the metrics written to metrics.json."""
-    out = prepare_run_dir(cfg)
-    setup_logging(out)
-    device = select_device(cfg.run.device, cfg.run.threads)
-    timer = Timer()
-    start = time.perf_counter()
-    log.info("run %s on %s, config %s", out, device, config_hash(cfg)[:12])
+def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDataset, out: Path,
+                 device: torch.device, timer: Timer) -> dict:
+    """Synthesize a class-balanced set from the modules, train the classifier, evaluate it; write the results.
 
-    # Load data and split it among clients.
+    `train` supplies class names and, for the centralized reference only, the pooled real data.
+    """
     t0 = time.perf_counter()
-    train, test = load_data(cfg)
-    parts = split_clients(cfg, train)
-    hist = class_histogram(train.labels, parts, train.num_classes)
-    atomic_write_json(out / "partition.json", {
-        "scheme": cfg.data.partition, "num_clients": len(parts), "class_names": list(train.class_names),
-        "histogram": hist.tolist(), "indices": [p.tolist() for p in parts]})
-    log.info("partition (%s), samples per client and class:\n%s", cfg.data.partition,
-             format_histogram(hist, train.class_names))
-    timer.add("data", time.perf_counter() - t0)
-
-    # Clients: one module per held class, trained from scratch.
-    train_all_modules(cfg, train, parts, out, device, timer)
-
-    # Server: validate the registry, synthesize a class-balanced set, train the classifier.
-    t0 = time.perf_counter()
-    modules = load_registry(out / "modules")
     images, labels, plan = synthesize(modules, train.num_classes, cfg.synthesis.samples_per_class, cfg.run.seed,
                                       device, cfg.synthesis.batch_size, progress=cfg.run.progress)
     timer.add("synthesis", time.perf_counter() - t0)
-    log.info("synthesized %d images (%d per class) in %.1fs", len(images), cfg.synthesis.samples_per_class,
-             timer.timings["synthesis"])
+    log.info("synthesized %d images from %d modules in %.1fs", len(images), len(modules), timer.timings["synthesis"])
     save_samples_png(images, labels, train.class_names, out / "samples.png")
 
     t0 = time.perf_counter()
@@ -193,7 +173,7 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     metrics = evaluate(predict_proba(model, test.images, device), test.labels, test.class_names)
     timer.add("evaluation", time.perf_counter() - t0)
-    timer.add("end_to_end", time.perf_counter() - start)
+    timer.add("end_to_end", time.perf_counter() - timer.start)
 
     # Centralized reference: the same classifier and recipe on the pooled real training data.
     rows = [("factory-server", metrics)]
@@ -211,11 +191,13 @@ def run(cfg: Config) -> dict:
     per_client: dict[str, int] = {}
     for m, _ in modules:
         per_client[str(m["client_id"])] = per_client.get(str(m["client_id"]), 0) + sizes[m["module_id"]]
+    present = {m["class_id"] for m, _ in modules}
     metrics |= {
         "timings": timer.timings,
         "bytes": {"per_module": sizes, "per_client": per_client, "total_up": sum(sizes.values())},
         "synthesis_plan": plan,
-        "num_modules": len(modules),
+        "modules": sorted(sizes),
+        "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in present],
         "generator_family": cfg.generator.family,
         "device": str(device),
         "config_hash": config_hash(cfg),
@@ -224,6 +206,35 @@ def run(cfg: Config) -> dict:
     table = format_table(rows)
     if "reference" in metrics:
         table += f"\naccuracy relative to centralized: {metrics['reference']['accuracy_ratio']:.4f}"
+    if metrics["missing_classes"]:
+        log.info("no module for classes %s: the classifier never sees them", metrics["missing_classes"])
     log.info("results (%s, %d test images):\n%s", test.name, len(test), table)
     log.info("timings (s): %s", json.dumps(timer.timings))
     return metrics
+
+
+def run(cfg: Config) -> dict:
+    """Run the whole method in one process; returns the metrics written to metrics.json."""
+    out = prepare_run_dir(cfg)
+    setup_logging(out)
+    device = select_device(cfg.run.device, cfg.run.threads)
+    timer = Timer()
+    log.info("run %s on %s, config %s", out, device, config_hash(cfg)[:12])
+
+    # Load data and split it among clients.
+    t0 = time.perf_counter()
+    train, test = load_data(cfg)
+    parts = split_clients(cfg, train)
+    hist = class_histogram(train.labels, parts, train.num_classes)
+    atomic_write_json(out / "partition.json", {
+        "scheme": cfg.data.partition, "num_clients": len(parts), "class_names": list(train.class_names),
+        "histogram": hist.tolist(), "indices": [p.tolist() for p in parts]})
+    log.info("partition (%s), samples per client and class:\n%s", cfg.data.partition,
+             format_histogram(hist, train.class_names))
+    timer.add("data", time.perf_counter() - t0)
+
+    # Clients: one module per held class, trained from scratch.
+    train_all_modules(cfg, train, parts, out, device, timer)
+
+    # Server: validate the registry, synthesize, train and evaluate the classifier.
+    return server_stage(cfg, load_registry(out / "modules"), train, test, out, device, timer)

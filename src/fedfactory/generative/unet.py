@@ -72,7 +72,7 @@ class UNet(nn.Module):
                 skips.append(cin)
         self.mid = Block(cin, cin, emb_dim)
         self.up = nn.ModuleList()
-        for level, width in reversed(list(enumerate(widths))):
+        for width in reversed(widths):
             for _ in range(num_blocks + 1):
                 self.up.append(Block(cin + skips.pop(), width, emb_dim))
                 cin = width
