@@ -42,6 +42,7 @@ class GeneratorConfig:
     channels: int = 32  # base width of the network
     latent_dim: int = 32  # aegmm: latent size
     mixture_components: int = 20  # aegmm: Gaussian mixture components
+    residual_rank: int = 0  # aegmm: principal components of the reconstruction residual added back as noise
     sampler_steps: int = 18  # edm: Heun steps
 
 
@@ -89,7 +90,7 @@ POSITIVE = {
     ("run", "threads"): 0, ("data", "num_clients"): 1, ("data", "classes_per_client"): 1,
     ("data", "min_partition_size"): 0, ("data", "image_size"): 0,
     ("generator", "steps"): 1, ("generator", "batch_size"): 1, ("generator", "channels"): 1,
-    ("generator", "latent_dim"): 1, ("generator", "mixture_components"): 1, ("generator", "sampler_steps"): 1,
+    ("generator", "latent_dim"): 1, ("generator", "residual_rank"): 0, ("generator", "mixture_components"): 1, ("generator", "sampler_steps"): 1,
     ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1,
     ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "batch_size"): 1,
 }

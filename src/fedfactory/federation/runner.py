@@ -23,6 +23,7 @@ from fedfactory.federation.client import held_classes, train_client_module
 from fedfactory.federation.factory import load_registry, module_spec, synthesize
 from fedfactory.generative.artifact import ModuleError, load_module, module_filename, module_id, save_module
 from fedfactory.metrics import evaluate, format_table
+from fedfactory.report import write_report
 from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fedfactory.seeding import derive_seed
 
@@ -237,4 +238,6 @@ def run(cfg: Config) -> dict:
     train_all_modules(cfg, train, parts, out, device, timer)
 
     # Server: validate the registry, synthesize, train and evaluate the classifier.
-    return server_stage(cfg, load_registry(out / "modules"), train, test, out, device, timer)
+    metrics = server_stage(cfg, load_registry(out / "modules"), train, test, out, device, timer)
+    log.info("report: %s", write_report(out, device=device))
+    return metrics

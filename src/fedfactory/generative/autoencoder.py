@@ -59,6 +59,11 @@ def fit_mixture(latents: torch.Tensor, num_components: int, seed: int) -> dict[s
     from sklearn.mixture import GaussianMixture
 
     z = latents.double().numpy()
+    if len(z) < 2:
+        # One image: a single narrow Gaussian around its latent (EM needs at least two points).
+        d = z.shape[1]
+        return {"mixture.log_weights": torch.zeros(1), "mixture.means": torch.from_numpy(z[:1]).float(),
+                "mixture.scale_tril": (0.01 * torch.eye(d)).unsqueeze(0)}
     k = max(1, min(num_components, len(z) // 4))  # a component needs a handful of points to estimate its covariance
     # reg_covar in units of the latent variance keeps covariances positive definite for small classes.
     gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4 * float(z.var()) + 1e-8,

@@ -25,7 +25,8 @@ def network_config(cfg: GeneratorConfig, image_shape: tuple[int, int, int]) -> d
     """The part of the generator config that fixes the module's tensors (recorded in its manifest)."""
     net = {"channels": cfg.channels, "image_channels": image_shape[0]}
     if cfg.family == "aegmm":
-        net |= {"latent_dim": cfg.latent_dim, "mixture_components": cfg.mixture_components}
+        net |= {"latent_dim": cfg.latent_dim, "mixture_components": cfg.mixture_components,
+                "residual_rank": cfg.residual_rank}
     return net
 
 
@@ -52,6 +53,11 @@ def expected_tensors(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
             raise ValueError("training.mixture_size must be an int in [1, network.mixture_components]")
         spec |= {"mixture.log_weights": ((k,), "float32"), "mixture.means": ((k, d), "float32"),
                  "mixture.scale_tril": ((k, d, d), "float32")}
+        r = net.get("residual_rank", 0)
+        if not isinstance(r, int) or not 0 <= r <= math.prod(shape):
+            raise ValueError("network.residual_rank must be an int in [0, C*H*W]")
+        if r:
+            spec |= {"residual.mean": (shape, "float32"), "residual.basis": ((r, *shape), "float32")}
         return spec
     return {k: (tuple(v.shape), "float32") for k, v in model.state_dict().items()}
 
@@ -119,6 +125,8 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
                            for i in range(0, len(images), 1000)])
         mixture = fit_mixture(z, cfg.mixture_components, derive_seed(seed, "mixture"))
         tensors = {f"decoder.{k}": v.contiguous() for k, v in ema.decoder.state_dict().items()} | mixture
+        if cfg.residual_rank:
+            tensors |= fit_residual(ema, images, cfg.residual_rank)
         training["mixture_size"] = int(mixture["mixture.means"].shape[0])
         diffusion = {}
     else:
@@ -127,6 +135,28 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     training["train_seconds"] = round(time.perf_counter() - t0, 3)
     return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
                      "diffusion": diffusion, "training": training}
+
+
+@torch.no_grad()
+def fit_residual(model: AutoEncoder, images: np.ndarray, rank: int) -> dict[str, torch.Tensor]:
+    """Gaussian model of what the decoder misses: mean and top principal directions of x - D(E(x)).
+
+    A deterministic decoder regresses to the mean and blurs fine texture; adding back residual noise drawn
+    from this low-rank Gaussian (probabilistic PCA without isotropic noise) restores some of it.
+    """
+    shape = (images.shape[3], images.shape[1], images.shape[2])
+    res = []
+    for i in range(0, len(images), 1000):
+        x = torch.from_numpy(to_float(images[i:i + 1000]))
+        res.append((x - model(x)).flatten(1).double())
+    r = torch.cat(res)
+    mean = r.mean(0)
+    _, s, vh = torch.linalg.svd(r - mean, full_matrices=False)
+    k = min(rank, vh.shape[0])
+    basis = torch.zeros(rank, r.shape[1], dtype=torch.float64)
+    basis[:k] = vh[:k] * (s[:k, None] / math.sqrt(max(len(r) - 1, 1)))
+    return {"residual.mean": mean.float().reshape(shape).contiguous(),
+            "residual.basis": basis.float().reshape(rank, *shape).contiguous()}
 
 
 def image_noise(root_seed: int, module: str, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -146,14 +176,18 @@ def sample_module(tensors: dict[str, torch.Tensor], manifest: dict, indices: ran
         model.decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
         decoder = model.decoder.to(device).eval()
         mixture = {k: v.double() for k, v in tensors.items() if k.startswith("mixture.")}
-        d = net_cfg["latent_dim"]
+        d, r = net_cfg["latent_dim"], net_cfg.get("residual_rank", 0)
         for start in range(indices.start, indices.stop, batch_size):
             idx = range(start, min(start + batch_size, indices.stop))
-            noise = torch.stack([image_noise(root_seed, mid, i, (d + 1,)) for i in idx]).double()
-            # The last coordinate picks the component through the normal CDF, the rest is the latent noise.
-            uniform = 0.5 * (1 + torch.erf(noise[:, -1] / math.sqrt(2)))
+            noise = torch.stack([image_noise(root_seed, mid, i, (d + 1 + r,)) for i in idx]).double()
+            # Coordinates: d for the latent, one picking the component through the normal CDF, r for the residual.
+            uniform = 0.5 * (1 + torch.erf(noise[:, d] / math.sqrt(2)))
             z = sample_latents(mixture, noise[:, :d], uniform).float().to(device)
-            out.append(to_uint8(decoder(z).clamp(-1, 1).cpu().numpy()))
+            x = decoder(z).cpu()
+            if r:
+                basis = tensors["residual.basis"].flatten(1)  # (r, C*H*W)
+                x = x + tensors["residual.mean"] + (noise[:, d + 1:].float() @ basis).reshape(x.shape)
+            out.append(to_uint8(x.clamp(-1, 1).numpy()))
     elif family == "edm":
         net = build_network(family, shape, net_cfg)
         net.load_state_dict(tensors)

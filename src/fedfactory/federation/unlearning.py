@@ -1,0 +1,344 @@
+"""Exact modular unlearning: delete modules from a finished run, re-synthesize, retrain, and prove it bit for bit.
+
+Deleting the modules G_{k,.} of a client k is exact because nothing else depends on them: every other module
+was trained only on its own client's rows with the seed ("train", k', c), image i of module m depends only on
+(root seed, m, i), and the classifier's seed is ("classifier",). The classifier retrained on the remaining
+modules is therefore the one a run without k would have trained from the start; `verify=True` proves it by
+retraining every remaining module from scratch and comparing weights bit for bit.
+
+The unlearned run is a new directory built from a whitelist, so nothing derived from a removed module can
+survive in it (synthetic images, classifier, BatchNorm statistics, metrics, sample grids, reports, caches):
+- config.toml: the source config with run.out set to the new directory and reference.centralized=false, since
+  the centralized reference pools the raw data of every client, the removed ones included;
+- partition.json: the source partition without the withdrawn rows (client ids keep their numbers);
+- modules/: byte copies of the remaining module files, validated again on load;
+- what server_stage writes (samples.png, classifier.safetensors, metrics.json), log.txt and unlearning.json.
+The directory is assembled under a hidden temporary name and renamed into place when complete; report.html
+is then written from it as `run` does.
+"""
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from fedfactory.config import Config, apply, config_hash, load_config, to_toml
+from fedfactory.data.datasets import ImageDataset
+from fedfactory.data.partition import class_histogram
+from fedfactory.device import select_device
+from fedfactory.federation.client import held_classes, train_client_module
+from fedfactory.federation.factory import load_registry
+from fedfactory.federation.runner import Timer, load_data, server_stage, setup_logging
+from fedfactory.generative.artifact import module_filename, module_id, save_module, weights_sha256
+from fedfactory.report import write_report
+from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+
+log = logging.getLogger("fedfactory")
+
+CERTIFICATE_VERSION = 1
+CLASS_GROUPS = {
+    "only_removed": "classes whose every module was removed: no synthetic image of them remains",
+    "shared": "classes the removed modules held together with remaining holders: re-weighted over those",
+    "removed_any": "only_removed and shared together: every class a removed module held",
+    "rest": "classes no removed module held",
+}
+_UNCOMPARED_METRICS = ("timings", "bytes")  # left out of the verification's metrics comparison (see there)
+
+
+class UnlearningError(ValueError):
+    """The unlearning request or the source run is unusable; the message says which and how to fix it."""
+
+
+def default_out(run_dir: Path, clients=(), modules=()) -> Path:
+    """A sibling of the run directory named after what is removed, e.g. runs/tiny-unlearn-client-3."""
+    parts = [f"client-{k}" for k in clients] + list(modules)
+    return run_dir.parent / f"{run_dir.name}-unlearn-{'-'.join(parts)}"
+
+
+def read_source(run_dir: Path) -> tuple[Config, dict, dict]:
+    """The finished run's config, partition and metrics; refuses runs that cannot be unlearned exactly."""
+    for name in ("config.toml", "partition.json", "metrics.json", "classifier.safetensors", "modules"):
+        if not (run_dir / name).exists():
+            raise UnlearningError(f"{run_dir} has no {name}: not a finished run directory; finish it with "
+                                  f"`fedfactory run --config {run_dir / 'config.toml'}` first")
+    cfg = load_config(str(run_dir / "config.toml"))
+    if cfg.classifier.mode != "server":
+        raise UnlearningError(f"{run_dir} has classifier.mode={cfg.classifier.mode}: local mode is not "
+                              "implemented yet, so only server-mode runs can be unlearned")
+    partition_doc = json.loads((run_dir / "partition.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if metrics.get("config_hash") != config_hash(cfg):
+        log.warning("%s/config.toml no longer hashes to the config recorded in metrics.json; the before/after "
+                    "comparison may mix two configs", run_dir)
+    return cfg, partition_doc, metrics
+
+
+def client_parts(partition_doc: dict, train: ImageDataset, num_clients: int) -> list[np.ndarray]:
+    """partition.json's index arrays, checked against the training set they index."""
+    indices = partition_doc.get("indices")
+    if not isinstance(indices, list) or len(indices) != num_clients:
+        raise UnlearningError(f"partition.json must list indices for {num_clients} clients")
+    if partition_doc.get("class_names") != list(train.class_names):
+        raise UnlearningError("partition.json's class names differ from the dataset's: the data changed since the run")
+    parts = [np.asarray(rows, dtype=np.int64) for rows in indices]
+    every = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if len(every) and (every.min() < 0 or every.max() >= len(train) or len(np.unique(every)) != len(every)):
+        raise UnlearningError(f"partition.json indices must be distinct rows of the {len(train)}-image training set")
+    if class_histogram(train.labels, parts, train.num_classes).tolist() != partition_doc.get("histogram"):
+        raise UnlearningError("partition.json's histogram does not match its indices on this dataset: the data "
+                              "changed since the run")
+    return parts
+
+
+def check_registry_matches(manifests: dict[str, dict], parts: list[np.ndarray], train: ImageDataset) -> None:
+    """Every held (client, class) has exactly one module, trained on that many real images."""
+    hist = class_histogram(train.labels, parts, train.num_classes)
+    held = {module_id(int(k), int(c)): int(hist[k, c]) for k, c in zip(*np.nonzero(hist), strict=True)}
+    declared = {mid: m["num_samples"] for mid, m in manifests.items()}
+    if held != declared:
+        diff = sorted(set(held.items()) ^ set(declared.items()))[:3]
+        raise UnlearningError(f"the registry does not match partition.json (module, samples): {diff}; the "
+                              "run directory was edited or is unfinished")
+
+
+def select_removed(manifests: dict[str, dict], num_clients: int, clients, modules, run_dir: Path) -> list[str]:
+    """Module ids to delete: every module of each client in `clients`, plus the ids in `modules`."""
+    if not clients and not modules:
+        raise UnlearningError("nothing to unlearn: name at least one client or module")
+    removed = set()
+    for k in clients:
+        if type(k) is not int or not 0 <= k < num_clients:
+            raise UnlearningError(f"unknown client {k!r}: {run_dir} has clients 0..{num_clients - 1}")
+        own = {mid for mid, m in manifests.items() if m["client_id"] == k}
+        if not own:
+            raise UnlearningError(f"client {k} has no modules in {run_dir / 'modules'} (already unlearned?)")
+        removed |= own
+    for mid in modules:
+        try:
+            module_filename(mid)
+        except ValueError as e:
+            raise UnlearningError(str(e)) from None
+        if mid not in manifests:
+            raise UnlearningError(f"unknown module {mid}: not in {run_dir / 'modules'}")
+        removed.add(mid)
+    if len(removed) == len(manifests):
+        raise UnlearningError("that would remove every module: nothing would remain to synthesize from")
+    return sorted(removed)
+
+
+def class_groups(manifests: dict[str, dict], removed: list[str], num_classes: int) -> dict[str, list[int]]:
+    """Split the classes by how the removal touches them (definitions in CLASS_GROUPS)."""
+    holders = [{mid for mid, m in manifests.items() if m["class_id"] == c} for c in range(num_classes)]
+    hit = [h & set(removed) for h in holders]
+    groups = {
+        "only_removed": [c for c in range(num_classes) if hit[c] and hit[c] == holders[c]],
+        "shared": [c for c in range(num_classes) if hit[c] and hit[c] != holders[c]],
+        "removed_any": [c for c in range(num_classes) if hit[c]],
+        "rest": [c for c in range(num_classes) if not hit[c]],
+    }
+    return groups
+
+
+def group_accuracy(confusion: list[list[int]], classes: list[int]) -> float | None:
+    """Accuracy over the test images whose true class is in `classes` (rows of the confusion matrix)."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    total = int(cm[classes].sum()) if classes else 0
+    return float(cm[classes, classes].sum() / total) if total else None
+
+
+def summarize(metrics: dict, groups: dict[str, list[int]]) -> dict:
+    """Headline metrics, per-class accuracy and accuracy per class group, from a metrics.json."""
+    out = {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "per_class_accuracy",
+                                       "missing_classes", "synthesis_plan")}
+    out["group_accuracy"] = {name: group_accuracy(metrics["confusion_matrix"], cs) for name, cs in groups.items()}
+    ref = metrics.get("reference", {}).get("centralized")
+    out["centralized_accuracy"] = ref["accuracy"] if ref else None
+    return out
+
+
+def module_record(path: Path, manifest: dict) -> dict:
+    return {"module_id": manifest["module_id"], "client_id": manifest["client_id"], "class_id": manifest["class_id"],
+            "class_name": manifest["class_name"], "num_samples": manifest["num_samples"],
+            "file_sha256": sha256_file(path), "weights_sha256": manifest["weights_sha256"]}
+
+
+def classifier_record(path: Path) -> dict:
+    """File hash and canonical tensor hash (names, dtypes, shapes, bytes) of a saved classifier."""
+    return {"file_sha256": sha256_file(path), "weights_sha256": weights_sha256(load_file(str(path)))}
+
+
+def first_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict | None:
+    """The first tensor (in name order) whose name, dtype, shape or bytes differ; None when bit-identical."""
+    for name in sorted(a.keys() | b.keys()):
+        if name not in a or name not in b:
+            return {"tensor": name, "reason": f"only in the {'unlearned' if name in a else 'verification'} classifier"}
+        x, y = a[name], b[name]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return {"tensor": name, "reason": f"{x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}"}
+        # Compare bytes, not values: torch.equal calls -0.0 and 0.0 equal and NaN unequal to itself.
+        if not torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8)):
+            diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else None
+            return {"tensor": name, "reason": "values differ", "max_abs_diff": diff}
+    return None
+
+
+def withdraw_rows(parts: list[np.ndarray], labels: np.ndarray, removed: list[dict]) -> list[np.ndarray]:
+    """The partition without the rows behind the removed modules: client k loses its rows of class c."""
+    parts = list(parts)
+    for m in removed:
+        k = m["client_id"]
+        parts[k] = parts[k][labels[parts[k]] != m["class_id"]]
+    return parts
+
+
+def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, parts: list[np.ndarray],
+                        expected: dict[str, tuple[dict, dict]], unlearned_metrics: dict, classifier_path: Path,
+                        device: torch.device) -> dict:
+    """Rerun the pipeline from scratch on the withdrawn partition and compare it with the unlearned run."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedfactory-verify-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "modules").mkdir()
+        # Train every remaining (client, class) module with its own seed, as the original run did.
+        trained, module_mismatches, module_difference = set(), [], None
+        for k, rows in enumerate(parts):
+            client = train.subset(rows)
+            for c in held_classes(client):
+                tensors, manifest = train_client_module(client, k, c, cfg.generator, cfg.run.seed, device,
+                                                        progress=cfg.run.progress)
+                full = save_module(tmp / "modules" / module_filename(manifest["module_id"]), tensors, manifest)
+                mid = full["module_id"]
+                trained.add(mid)
+                if mid not in expected or full["weights_sha256"] != expected[mid][0]["weights_sha256"]:
+                    module_mismatches.append(mid)
+                    if module_difference is None and mid in expected:
+                        found = first_difference(expected[mid][1], tensors) or {"reason": "weights hash differs"}
+                        module_difference = {"module_id": mid} | found
+        missing = sorted(expected.keys() - trained)
+        # The same synthesis, classifier and evaluation; the timer is the verification's own.
+        metrics = server_stage(cfg, load_registry(tmp / "modules"), train, test, tmp, device, Timer())
+        difference = first_difference(load_file(str(classifier_path)), load_file(str(tmp / "classifier.safetensors")))
+        scratch = classifier_record(tmp / "classifier.safetensors")
+    # Timings are wall clock, and module file sizes can differ by a byte or two because each manifest records
+    # its own train_seconds; everything else in metrics.json must match.
+    same_metrics = all(metrics.get(k) == unlearned_metrics.get(k) for k in metrics.keys() | unlearned_metrics.keys()
+                       if k not in _UNCOMPARED_METRICS)
+    verified = not module_mismatches and not missing and difference is None
+    summary = ("classifier weights and every module are bit-identical to a run without the removed modules"
+               if verified else
+               f"modules differing: {module_mismatches[:5]}, not retrained: {missing[:5]}, "
+               f"first classifier difference: {difference}")
+    if module_mismatches:
+        # CPU kernels split reductions by thread, so bits match only at the thread count that trained the modules.
+        summary += (f" (retrained with {torch.get_num_threads()} torch threads on {device}; modules are "
+                    "bit-reproducible only on the same device type and thread count as the original run: set "
+                    "OMP_NUM_THREADS to the original's)")
+    return {"verified": verified, "summary": summary, "modules_retrained": len(trained),
+            "module_mismatches": module_mismatches, "modules_not_retrained": missing,
+            "first_module_difference": module_difference, "first_classifier_difference": difference,
+            "classifier": scratch, "metrics_identical": same_metrics,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> dict:
+    """Write a new run directory without the given clients' (or modules') modules; returns the certificate."""
+    run_dir = Path(run_dir)
+    clients, modules = tuple(clients), tuple(modules)
+    cfg, partition_doc, before = read_source(run_dir)
+    out = Path(out) if out is not None else default_out(run_dir, clients, modules)
+    if out.exists():
+        raise UnlearningError(f"{out} already exists; choose another --out or delete it")
+
+    # Validate the source registry (hashes included) and the request before writing anything.
+    source = {m["module_id"]: m for m, _ in load_registry(run_dir / "modules")}
+    removed = select_removed(source, cfg.data.num_clients, clients, modules, run_dir)
+    remaining = [mid for mid in source if mid not in removed]
+    removed_records = [module_record(run_dir / "modules" / module_filename(mid), source[mid]) for mid in removed]
+
+    new_cfg = apply(cfg, {"run.out": str(out), "reference.centralized": False})
+    device = select_device(new_cfg.run.device, new_cfg.run.threads)
+    timer = Timer()
+    stage = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    stage.mkdir(parents=True)
+    try:
+        (stage / "modules").mkdir()
+        setup_logging(stage)
+        log.info("unlearning %s from %s into %s", ", ".join(removed), run_dir, out)
+
+        # Load the data and withdraw the removed modules' rows from the partition.
+        t0 = time.perf_counter()
+        train, test = load_data(new_cfg)
+        parts = client_parts(partition_doc, train, cfg.data.num_clients)
+        check_registry_matches(source, parts, train)
+        parts = withdraw_rows(parts, train.labels, [source[mid] for mid in removed])
+        withdrawn = sorted(set(partition_doc.get("withdrawn_modules", [])) | set(removed))
+        atomic_write_json(stage / "partition.json", partition_doc | {
+            "histogram": class_histogram(train.labels, parts, train.num_classes).tolist(),
+            "indices": [p.tolist() for p in parts], "withdrawn_modules": withdrawn})
+        atomic_write_text(stage / "config.toml", to_toml(new_cfg))
+        timer.add("data", time.perf_counter() - t0)
+
+        # Copy the remaining modules; loading them again re-checks every hash.
+        for mid in remaining:
+            name = module_filename(mid)
+            atomic_write_bytes(stage / "modules" / name, (run_dir / "modules" / name).read_bytes())
+        registry = load_registry(stage / "modules")
+
+        # Re-synthesize, retrain and evaluate exactly as a run does.
+        after = server_stage(new_cfg, registry, train, test, stage, device, timer)
+        unlearn_seconds = round(time.perf_counter() - timer.start, 3)
+        new_classifier = classifier_record(stage / "classifier.safetensors")
+
+        groups = class_groups(source, removed, train.num_classes)
+        certificate = {
+            "format_version": CERTIFICATE_VERSION,
+            "source_run": str(run_dir),
+            "source_config_hash": before.get("config_hash"),
+            "source_classifier": classifier_record(run_dir / "classifier.safetensors"),
+            "out": str(out),
+            "requested": {"clients": list(clients), "modules": list(modules)},
+            "removed_modules": removed_records,
+            "remaining_modules": [module_record(stage / "modules" / module_filename(m["module_id"]), m)
+                                  for m, _ in registry],
+            "withdrawn_modules_total": withdrawn,
+            "seed": new_cfg.run.seed,
+            "device": str(device),
+            "torch_threads": torch.get_num_threads(),
+            "config_hash": config_hash(new_cfg),
+            "classifier": new_classifier,
+            "centralized_reference": ("disabled (reference.centralized=false): it pools the raw training data of "
+                                      "every client, the removed ones included"),
+            "class_groups": {"definitions": CLASS_GROUPS} | {
+                name: [train.class_names[c] for c in cs] for name, cs in groups.items()},
+            "before": summarize(before, groups),
+            "after": summarize(after, groups),
+            "seconds": {"unlearn": unlearn_seconds, "verify": None},
+            "timings": after["timings"],
+            "verified": None,
+        }
+        if verify:
+            log.info("verifying: retraining %d modules from scratch without the removed ones", len(remaining))
+            certificate["verification"] = verify_from_scratch(new_cfg, train, test, parts, {
+                m["module_id"]: (m, t) for m, t in registry}, after, stage / "classifier.safetensors", device)
+            certificate["verified"] = certificate["verification"]["verified"]
+            certificate["seconds"]["verify"] = certificate["verification"]["seconds"]
+            log.info("verification %s: %s", "passed" if certificate["verified"] else "FAILED",
+                     certificate["verification"]["summary"])
+        atomic_write_json(stage / "unlearning.json", certificate)
+        os.rename(stage, out)
+    except BaseException:
+        # A failed unlearning leaves nothing behind; the source run was only ever read.
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    # Written in place, as `run` does: the report names its directory, and shows only the remaining modules.
+    log.info("report: %s", write_report(out, device=device))
+    log.info("unlearned run written to %s in %.1fs (certificate: %s)", out, unlearn_seconds, out / "unlearning.json")
+    return certificate
