@@ -62,6 +62,7 @@ class ClassifierConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     augment: str = "none"  # none | flip | crop | crop+flip
+    match_sharpness: bool = True  # low-pass every input at the modules' measured blur (GaussianBlur)
 
 
 @dataclass(frozen=True)

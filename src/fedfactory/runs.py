@@ -6,10 +6,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
 _HASH_CHUNK_BYTES = 1 << 20
+_TEMP_TOKEN_HEX = 16  # hex digits of the random part of a temp name
+# What atomic_write_bytes names its temp files: ".<target name>.<random hex>.tmp".
+_TEMP_NAME_RE = re.compile(rf"\..+\.[0-9a-f]{{{_TEMP_TOKEN_HEX}}}\.tmp")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -28,7 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so readers see either the old file or the complete new one."""
     path = Path(path)
     # The temp file lives in the target's directory because os.replace is only atomic within a filesystem.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(_TEMP_TOKEN_HEX // 2)}.tmp")
     # os.open with 0o666 lets the umask decide permissions, as for a plain open(); mkstemp would force 0o600.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -55,6 +59,22 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
     """Atomically write `obj` as JSON with sorted keys, indent 2 and a trailing newline."""
     # Serialize first so an unserializable object raises before any file is touched.
     atomic_write_text(path, json.dumps(obj, sort_keys=True, indent=2) + "\n")
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete temp files that a killed atomic write left in `directory`; returns their names.
+
+    Call it only while no other process writes to the directory: a live writer's temp file looks the same.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if _TEMP_NAME_RE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -4,6 +4,7 @@ Stages, each a call into the client or factory functions that the Flower apps ca
 load data -> partition -> client modules (G_{k,c}, one file each) -> synthesis -> classifier -> evaluation.
 """
 
+import io
 import json
 import logging
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fedfactory.classifier import predict_proba, train_classifier
 from fedfactory.config import Config, config_hash, to_toml
@@ -24,7 +25,7 @@ from fedfactory.federation.factory import load_registry, module_spec, synthesize
 from fedfactory.generative.artifact import ModuleError, load_module, module_filename, module_id, save_module
 from fedfactory.metrics import evaluate, format_table
 from fedfactory.report import write_report
-from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temp_files
 from fedfactory.seeding import derive_seed
 
 log = logging.getLogger("fedfactory")
@@ -43,17 +44,38 @@ class Timer:
         self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
 
 
+def has_results(out: Path) -> bool:
+    """Whether a run directory holds anything a run computed: a module, a classifier or metrics."""
+    return ((out / "metrics.json").exists() or (out / "classifier.safetensors").exists()
+            or any((out / "modules").glob("*.safetensors")))
+
+
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create runs/<name>/ or reuse it when its config.toml equals this config; refuse a different one."""
+    """Create runs/<name>/ or reuse it when its config.toml equals this config; refuse a different one.
+
+    A directory with a different (or unreadable, or missing) config.toml is refused as soon as it holds results,
+    so two configs never mix; one without results (a run that failed before its first module) is taken over.
+    Temp files of writes cut short by a kill are deleted: one run per directory at a time.
+    """
+    from fedfactory.config import ConfigError, load_config
+
     out = Path(cfg.run.out)
     saved = out / "config.toml"
-    if saved.exists():
-        from fedfactory.config import load_config
-
-        if config_hash(load_config(str(saved))) != config_hash(cfg):
-            raise RunDirError(f"{out} holds a run with a different config; choose another run.out or delete {out}")
+    fix = f"choose another run.out or delete {out}"
+    if out.exists() and has_results(out):
+        if not saved.is_file():
+            raise RunDirError(f"{out} holds results but no config.toml to match them to this config; {fix}")
+        try:
+            same = config_hash(load_config(str(saved))) == config_hash(cfg)
+        except ConfigError as e:
+            raise RunDirError(f"{saved} is not a config this fedfactory reads ({e}); {fix}") from None
+        if not same:
+            raise RunDirError(f"{out} holds a run with a different config; {fix}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "modules").mkdir(exist_ok=True)
+    for folder in (out, out / "modules"):
+        for name in remove_stale_temp_files(folder):
+            log.info("removed %s, left by an interrupted write", folder / name)
     atomic_write_text(saved, to_toml(cfg))
     return out
 
@@ -119,10 +141,9 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
 
 
 def save_classifier(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    """Write the classifier's weights as safetensors, atomically."""
+    # Serialized in memory: a temp file of our own would outlive a kill, and only atomic_write_bytes cleans up.
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
 def save_samples_png(images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], path: Path,
@@ -145,11 +166,16 @@ def save_samples_png(images: np.ndarray, labels: np.ndarray, class_names: tuple[
                 ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
         axes[c, 0].set_title(name, fontsize=6, loc="left")
     fig.tight_layout(pad=0.1)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def input_blur(cfg: Config, modules: list) -> float:
+    """The classifier's input low-pass sigma: the mean of the blur the clients measured, if matching is on."""
+    sigmas = [m["training"].get("blur_sigma", 0.0) for m, _ in modules]
+    return round(float(np.mean(sigmas)), 4) if cfg.classifier.match_sharpness and sigmas else 0.0
 
 
 def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDataset, out: Path,
@@ -165,9 +191,11 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
     log.info("synthesized %d images from %d modules in %.1fs", len(images), len(modules), timer.timings["synthesis"])
     save_samples_png(images, labels, train.class_names, out / "samples.png")
 
+    blur = input_blur(cfg, modules)
     t0 = time.perf_counter()
     model = train_classifier(images, labels, train.num_classes, cfg.classifier,
-                             derive_seed(cfg.run.seed, "classifier"), device, progress=cfg.run.progress)
+                             derive_seed(cfg.run.seed, "classifier"), device, progress=cfg.run.progress,
+                             input_blur=blur)
     timer.add("classifier", time.perf_counter() - t0)
     save_classifier(model, out / "classifier.safetensors")
 
@@ -182,7 +210,7 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
         t0 = time.perf_counter()
         ref_model = train_classifier(train.images, train.labels, train.num_classes, cfg.classifier,
                                      derive_seed(cfg.run.seed, "classifier"), device, desc="centralized",
-                                     progress=cfg.run.progress)
+                                     progress=cfg.run.progress, input_blur=blur)
         ref = evaluate(predict_proba(ref_model, test.images, device), test.labels, test.class_names)
         timer.add("reference", time.perf_counter() - t0)
         metrics["reference"] = {"centralized": ref, "accuracy_ratio": metrics["accuracy"] / ref["accuracy"]}
@@ -200,6 +228,7 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
         "modules": sorted(sizes),
         "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in present],
         "generator_family": cfg.generator.family,
+        "classifier_input_blur": blur,
         "device": str(device),
         "config_hash": config_hash(cfg),
     }

@@ -44,6 +44,9 @@ def expected_tensors(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     for key in ("channels",) + (("latent_dim", "mixture_components") if family == "aegmm" else ()):
         if not isinstance(net.get(key), int) or not 1 <= net[key] <= 4096:
             raise ValueError(f"network.{key} must be an int in [1, 4096]")
+    blur = manifest["training"].get("blur_sigma", 0.0)
+    if not isinstance(blur, int | float) or isinstance(blur, bool) or not 0 <= blur <= max(BLUR_GRID):
+        raise ValueError(f"training.blur_sigma must be a number in [0, {max(BLUR_GRID)}]")
     with torch.device("meta"):
         model = build_network(family, shape, net)
     if family == "aegmm":
@@ -127,14 +130,32 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         tensors = {f"decoder.{k}": v.contiguous() for k, v in ema.decoder.state_dict().items()} | mixture
         if cfg.residual_rank:
             tensors |= fit_residual(ema, images, cfg.residual_rank)
+        training["blur_sigma"] = measure_blur(ema, images)
         training["mixture_size"] = int(mixture["mixture.means"].shape[0])
         diffusion = {}
     else:
         tensors = {k: v.contiguous() for k, v in ema.state_dict().items()}
         diffusion = params.to_dict() | {"sampler": "heun", "sampler_steps": cfg.sampler_steps}
-    training["train_seconds"] = round(time.perf_counter() - t0, 3)
     return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
                      "diffusion": diffusion, "training": training}
+
+
+BLUR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # pixels
+
+
+@torch.no_grad()
+def measure_blur(model: AutoEncoder, images: np.ndarray, max_images: int = 500) -> float:
+    """The Gaussian blur (sigma in pixels, from BLUR_GRID) that best maps real images to their reconstructions.
+
+    Measured by the client on its own data and sent in the manifest, so the server can match the
+    classifier's input sharpness to the generator's without seeing any real image.
+    """
+    from fedfactory.classifier import GaussianBlur
+
+    x = torch.from_numpy(to_float(images[:max_images]))
+    recon = model(x)
+    errors = [((GaussianBlur(x.shape[1], s)(x) - recon) ** 2).mean().item() for s in BLUR_GRID]
+    return BLUR_GRID[int(np.argmin(errors))]
 
 
 @torch.no_grad()
