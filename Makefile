@@ -10,13 +10,13 @@ $(BIN)/fedfactory: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch==2.13.0 resolves to the CPU wheel on this machine; users may have any torch >= 2.4.
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q "torch>=2.4"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,flower]"
 	touch $@
 
 install: $(BIN)/fedfactory
 
 demo: install
-	$(BIN)/fedfactory run --config digits run.out=runs/demo
+	$(BIN)/fedfactory compare --config digits --methods factory-server,fedavg,centralized run.out=runs/demo
 
 test: install
 	$(BIN)/python -m pytest

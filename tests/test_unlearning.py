@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from fedfactory.cli import main
-from fedfactory.config import apply, load_config, to_toml
+from fedfactory.config import load_config
 from fedfactory.device import select_device
 from fedfactory.federation.client import train_client_module
 from fedfactory.federation.runner import load_data, run
-from fedfactory.federation.unlearning import UnlearningError, unlearn
+from fedfactory.federation.unlearning import unlearn
 from fedfactory.generative.artifact import save_module
 from fedfactory.runs import sha256_file
 
@@ -156,13 +156,24 @@ def test_bad_requests_are_one_line_errors_and_change_nothing(silos, tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
 
 
-def test_local_mode_runs_are_refused_for_now(silos, tmp_path):
-    local = tmp_path / "local"
-    shutil.copytree(silos, local)
-    cfg = load_config(str(local / "config.toml"))
-    (local / "config.toml").write_text(to_toml(apply(cfg, {"classifier.mode": "local"})))
-    with pytest.raises(UnlearningError, match="local mode is not implemented"):
-        unlearn(local, clients=(0,))
+def test_local_mode_unlearning_retrains_every_remaining_expert_and_verifies(tmp_path):
+    source = tmp_path / "local"
+    run(load_config("tiny", [f"run.out={source}", "classifier.mode=local", "reference.centralized=false",
+                             "generator.steps=10", "synthesis.samples_per_class=20"]))
+    assert sorted(p.name for p in (source / "experts").iterdir()) == [f"client-{k:03d}.safetensors" for k in range(10)]
+    hashes = tree_hashes(source)
+    cert = unlearn(source, clients=(4,), out=tmp_path / "u", verify=True)
+    assert cert["verified"], cert["verification"]["summary"]
+    assert cert["verification"]["metrics_identical"] and cert["mode"] == "local"
+    # Every remaining client retrains; in silos each one had drawn images from client 4's module.
+    remaining = [k for k in range(10) if k != 4]
+    assert cert["participants"]["clients"] == remaining == cert["participants"]["used_removed_modules"]
+    assert sorted(cert["classifier"]["experts"]) == [f"client-{k:03d}" for k in remaining]
+    assert cert["classifier"] == cert["verification"]["classifier"]
+    metrics = read_json(tmp_path / "u" / "metrics.json")
+    assert metrics["experts"] == [str(k) for k in remaining] and "4" not in metrics["bytes"]["down_per_client"]
+    assert all("client-004_class-004" not in plan for plan in metrics["synthesis_plan"].values())
+    assert tree_hashes(source) == hashes
 
 
 def test_verification_catches_a_module_that_a_from_scratch_run_would_not_train(silos, tmp_path, capsys):

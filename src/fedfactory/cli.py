@@ -1,15 +1,19 @@
 """Command line: `fedfactory run [--config FILE|PRESET] [section.key=value ...]`, `fedfactory report RUN_DIR`,
-`fedfactory unlearn RUN_DIR --client K [--verify]`."""
+`fedfactory unlearn RUN_DIR --client K [--verify]`, `fedfactory inspect MODULE|DIR`,
+`fedfactory compare [--config FILE|PRESET] [--methods m1,m2] [section.key=value ...]`."""
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from fedfactory.config import ConfigError, load_config, valid_keys
 from fedfactory.data.datasets import DatasetError
 from fedfactory.data.partition import PartitionError
 from fedfactory.generative.artifact import ModuleError
 
-USER_ERRORS = (ConfigError, DatasetError, PartitionError, ModuleError, FileNotFoundError, ValueError)
+# ValueError also covers RunDirError and UnlearningError, which live in modules imported only by their commands.
+USER_ERRORS = (ConfigError, DatasetError, PartitionError, ModuleError, OSError, ValueError)
 
 
 def cmd_run(args) -> int:
@@ -17,6 +21,15 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run(cfg)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fedfactory.federation.compare import compare, markdown, parse_methods
+
+    cfg = load_config(args.config, args.overrides)
+    doc = compare(cfg, parse_methods(args.methods))
+    print(markdown(doc, cfg), end="")
     return 0
 
 
@@ -40,6 +53,77 @@ def cmd_unlearn(args) -> int:
     return 0
 
 
+def check_module_file(path: Path, in_registry: bool) -> tuple[dict | None, str | None]:
+    """(manifest or None, refusal or None) for one module file, checked as load_registry checks it."""
+    from fedfactory.federation.factory import module_spec
+    from fedfactory.generative.artifact import load_module, module_filename, read_manifest
+
+    try:
+        # Header only, so a module refused later (a hash mismatch, say) still shows what it claims to be.
+        manifest = read_manifest(path)
+    except ModuleError:
+        manifest = None  # load_module refuses it too and says why
+    try:
+        manifest, _ = load_module(path, expected=module_spec)
+    except ModuleError as e:
+        return manifest, str(e)
+    if in_registry and path.name != module_filename(manifest["module_id"]):
+        return manifest, f"{path}: file name does not match module id {manifest['module_id']}; rename or remove it"
+    return manifest, None
+
+
+def _printable(text: str) -> str:
+    # File names come from whoever filled the directory; keep control characters off the terminal.
+    return text if text.isprintable() else ascii(text)
+
+
+def inspect_registry(directory: Path) -> int:
+    """One row per module file of a registry directory, then the verdict of load_registry itself."""
+    from fedfactory.federation.factory import load_registry
+
+    paths = sorted(directory.glob("*.safetensors"))
+    others = sorted(p.name for p in directory.iterdir() if p not in paths)
+    rows = [("file", "verdict", "client", "class", "class name", "samples", "family", "bytes")]
+    for path in paths:
+        manifest, refusal = check_module_file(path, in_registry=True)
+        if refusal is None:
+            m = manifest
+            rows.append((path.name, "valid", str(m["client_id"]), str(m["class_id"]), m["class_name"],
+                         str(m["num_samples"]), m["family"], str(path.stat().st_size)))
+        else:
+            rows.append((_printable(path.name), "refused", refusal.removeprefix(f"{path}: ")))
+    # A refused row is (file, "refused", rule): the rule runs on unaligned after the first two columns.
+    widths = [max(len(r[j]) for r in rows if len(r) > 3 or j < 2) for j in range(len(rows[0]))]
+    for r in rows if paths else ():
+        cells = [c.ljust(w) for c, w in zip(r[:2] if len(r) == 3 else r, widths, strict=False)]
+        print("  ".join(cells + ([r[2]] if len(r) == 3 else [])).rstrip())
+    if others:
+        print(f"ignored (not *.safetensors): {', '.join(_printable(n) for n in others)}")
+    if not paths:
+        print(f"refused: {directory} holds no module files (*.safetensors)")
+        return 2
+    try:
+        registry = load_registry(directory)
+    except ModuleError as e:
+        print(f"registry refused: {e}")
+        return 2
+    print(f"registry valid: {len(registry)} modules")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    path = Path(args.module)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such module file or directory")
+    if path.is_dir():
+        return inspect_registry(path)
+    manifest, refusal = check_module_file(path, in_registry=False)
+    if manifest is not None:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+    print("valid" if refusal is None else f"refused: {refusal}")
+    return 0 if refusal is None else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedfactory", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -49,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="TOML file or preset name in configs/ (digits, fashion-mnist, ...)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("compare", help="the factory, FL baselines, centralized and local-only on one partition: "
+                       "comparison.json/.md/.png in run.out", epilog="keys: " + ", ".join(valid_keys()))
+    p.add_argument("--config", default=None, help="TOML file or preset name in configs/ (digits, fashion-mnist, ...)")
+    p.add_argument("--methods", default=None, help="comma-separated, default all: factory-server, factory-local, "
+                   "fedavg, fedprox, scaffold, feddyn, centralized, local-only")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("report", help="write RUN_DIR/report.html (also written at the end of `run`)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--show-real", action="store_true",
@@ -65,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="also retrain the remaining modules from scratch and check the classifier is bit-identical")
     p.set_defaults(func=cmd_unlearn)
+    p = sub.add_parser("inspect", help="print a module's manifest and whether the server accepts it (exit 2 if not)")
+    p.add_argument("module", metavar="MODULE", help="a module .safetensors file, or a registry directory of them")
+    p.set_defaults(func=cmd_inspect)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -71,6 +72,22 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True)
+class BaselinesConfig:
+    """Weight-sharing FL baselines for `fedfactory compare` (plain SGD, momentum 0, no weight decay)."""
+
+    rounds: int = 50  # communication rounds
+    local_epochs: int = 1  # local passes over the client's data per round (used when local_steps = 0)
+    local_steps: int = 0  # > 0: this many local SGD steps per round instead of local_epochs
+    lr: float = 0.05  # local SGD step size
+    batch_size: int = 32
+    fedprox_mu: float = 0.01  # FedProx proximal weight mu
+    feddyn_alpha: float = 0.01  # FedDyn regulariser weight alpha
+    clients_per_round: int = 0  # 0 = every client in every round (full participation)
+    weighting: str = "samples"  # aggregation weights: samples (n_k / n) | uniform (1 / num_clients)
+    val_fraction: float = 0.0  # > 0: hold out this share of each client's rows to choose a round; 0 = final only
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -78,6 +95,7 @@ class Config:
     synthesis: SynthesisConfig = SynthesisConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     reference: ReferenceConfig = ReferenceConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
 
 
 CHOICES = {
@@ -86,6 +104,7 @@ CHOICES = {
     ("generator", "family"): ("aegmm", "edm"),
     ("classifier", "mode"): ("server", "local"),
     ("classifier", "augment"): ("none", "flip", "crop", "crop+flip"),
+    ("baselines", "weighting"): ("samples", "uniform"),
 }
 POSITIVE = {
     ("run", "threads"): 0, ("data", "num_clients"): 1, ("data", "classes_per_client"): 1,
@@ -94,6 +113,8 @@ POSITIVE = {
     ("generator", "latent_dim"): 1, ("generator", "residual_rank"): 0, ("generator", "mixture_components"): 1, ("generator", "sampler_steps"): 1,
     ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1,
     ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "batch_size"): 1,
+    ("baselines", "rounds"): 1, ("baselines", "local_epochs"): 1, ("baselines", "local_steps"): 0,
+    ("baselines", "batch_size"): 1, ("baselines", "clients_per_round"): 0,
 }
 PRESET_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -122,6 +143,12 @@ def _coerce(key: str, value, kind: type):
 
 
 def _validate(cfg: Config) -> Config:
+    # TOML and float() both accept nan and inf, which slip through every `<` check below.
+    for s in fields(Config):
+        for f in fields(s.type):
+            value = getattr(getattr(cfg, s.name), f.name)
+            if f.type is float and not math.isfinite(value):
+                raise ConfigError(f"{s.name}.{f.name}={value}: must be a finite number")
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
@@ -130,13 +157,30 @@ def _validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if value < low:
             raise ConfigError(f"{section}.{key}={value}: must be >= {low}")
-    for key in ("lr",):
-        if cfg.generator.lr <= 0 or cfg.classifier.lr <= 0:
-            raise ConfigError(f"generator.{key} and classifier.{key} must be > 0")
+    for section in ("generator", "classifier"):
+        if getattr(cfg, section).lr <= 0:
+            raise ConfigError(f"{section}.lr={getattr(cfg, section).lr}: the learning rate must be > 0")
     if cfg.data.alpha <= 0:
         raise ConfigError(f"data.alpha={cfg.data.alpha}: the Dirichlet concentration must be > 0")
-    if cfg.classifier.weight_decay < 0 or not 0 <= cfg.classifier.label_smoothing < 1:
-        raise ConfigError("classifier.weight_decay must be >= 0 and classifier.label_smoothing in [0, 1)")
+    if cfg.data.image_size and not 4 <= cfg.data.image_size <= 1024:
+        # The classifier pools twice by 2, and module manifests allow at most 1024 pixels a side.
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: valid values are 0 (native size) or 4 to 1024")
+    if cfg.classifier.weight_decay < 0:
+        raise ConfigError(f"classifier.weight_decay={cfg.classifier.weight_decay}: must be >= 0")
+    if not 0 <= cfg.classifier.label_smoothing < 1:
+        raise ConfigError(f"classifier.label_smoothing={cfg.classifier.label_smoothing}: must lie in [0, 1)")
+    b = cfg.baselines
+    if b.lr <= 0:
+        raise ConfigError(f"baselines.lr={b.lr}: the learning rate must be > 0")
+    if b.fedprox_mu < 0:
+        raise ConfigError(f"baselines.fedprox_mu={b.fedprox_mu}: must be >= 0 (0 makes FedProx FedAvg)")
+    if b.feddyn_alpha <= 0:
+        raise ConfigError(f"baselines.feddyn_alpha={b.feddyn_alpha}: must be > 0 (the server divides by it)")
+    if not 0 <= b.val_fraction < 1:
+        raise ConfigError(f"baselines.val_fraction={b.val_fraction}: must lie in [0, 1)")
+    if b.clients_per_round > cfg.data.num_clients:
+        raise ConfigError(f"baselines.clients_per_round={b.clients_per_round}: valid values are 0 (all) to "
+                          f"data.num_clients={cfg.data.num_clients}")
     return cfg
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from fedfactory.classifier import predict_proba, train_classifier
+from fedfactory.classifier import predict_log_proba, predict_proba, train_classifier
 from fedfactory.config import Config, config_hash, to_toml
 from fedfactory.data.datasets import ImageDataset, load_dataset
 from fedfactory.data.partition import class_histogram, format_histogram, partition
@@ -73,7 +73,7 @@ def prepare_run_dir(cfg: Config) -> Path:
             raise RunDirError(f"{out} holds a run with a different config; {fix}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "modules").mkdir(exist_ok=True)
-    for folder in (out, out / "modules"):
+    for folder in (out, *sorted(p for p in out.iterdir() if p.is_dir())):  # modules/, experts/, ...
         for name in remove_stale_temp_files(folder):
             log.info("removed %s, left by an interrupted write", folder / name)
     atomic_write_text(saved, to_toml(cfg))
@@ -103,6 +103,16 @@ def split_clients(cfg: Config, train: ImageDataset) -> list[np.ndarray]:
     return partition(train.labels, d.partition, d.num_clients, derive_seed(cfg.run.seed, "partition"),
                      num_classes=train.num_classes, classes_per_client=d.classes_per_client, alpha=d.alpha,
                      min_partition_size=d.min_partition_size, groups=train.groups)
+
+
+def write_partition(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path) -> None:
+    """partition.json (scheme, class histogram, row indices per client), and the histogram in the log."""
+    hist = class_histogram(train.labels, parts, train.num_classes)
+    atomic_write_json(out / "partition.json", {
+        "scheme": cfg.data.partition, "num_clients": len(parts), "class_names": list(train.class_names),
+        "histogram": hist.tolist(), "indices": [p.tolist() for p in parts]})
+    log.info("partition (%s), samples per client and class:\n%s", cfg.data.partition,
+             format_histogram(hist, train.class_names))
 
 
 def reusable_module(path: Path, cfg: Config, root_seed: int) -> bool:
@@ -243,6 +253,128 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
     return metrics
 
 
+def product_of_experts(log_probs: list[np.ndarray]) -> np.ndarray:
+    """Class probabilities (N, C) of a product of experts from each expert's log-probabilities (N, C).
+
+    p(y | x) is proportional to prod_k p_k(y | x): sum the log-softmax outputs, then normalise with a
+    log-sum-exp (shifting by the row maximum first), so very confident experts cannot overflow or underflow.
+    """
+    total = np.sum(np.stack(log_probs), axis=0, dtype=np.float64)
+    total -= total.max(axis=1, keepdims=True)
+    return np.exp(total - np.log(np.exp(total).sum(axis=1, keepdims=True)))
+
+
+def expert_path(out: Path, client_id: int) -> Path:
+    return out / "experts" / f"client-{client_id:03d}.safetensors"
+
+
+def local_training_set(client: ImageDataset, modules: list, samples_per_class: int, root_seed: int,
+                       device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """A client's training set in local mode: all its real images, plus, for every class it holds fewer than
+    samples_per_class real images of, synthetic images up to samples_per_class.
+
+    A class it lacks is synthesized from the other clients' modules of that class; a class it holds partially is
+    topped up from every module of that class it has (the others' and its own), in both cases by
+    `factory.synthesize`, mixed in proportion to the modules' real counts n_{k,c}. A class it holds at least
+    samples_per_class real images of gets no synthetic images.
+    """
+    counts = np.bincount(client.labels, minlength=client.num_classes)
+    images, labels, plan = [client.images], [client.labels], {}
+    for c in range(client.num_classes):
+        donors = [(m, t) for m, t in modules if m["class_id"] == c]
+        need = samples_per_class - int(counts[c])
+        if need <= 0 or not donors:
+            continue
+        imgs, labs, part = synthesize(donors, client.num_classes, need, root_seed, device, batch_size, progress=False)
+        images.append(imgs)
+        labels.append(labs)
+        plan |= {mid: n for mid, n in part.items() if n}
+    return np.concatenate(images), np.concatenate(labels), plan
+
+
+def local_stage(cfg: Config, modules: list, parts: list[np.ndarray], train: ImageDataset, test: ImageDataset,
+                out: Path, device: torch.device, timer: Timer, modules_dir: Path | None = None) -> dict:
+    """Local mode: each client with data trains an expert on its real data and the modules it receives (every
+    other client's); the experts' predictions are combined as a product of experts. Writes experts/ and
+    metrics.json to `out`; module sizes come from modules_dir (default out/modules).
+    """
+    modules_dir = modules_dir or out / "modules"
+    sizes = {p.stem: p.stat().st_size for p in sorted(modules_dir.glob("*.safetensors"))}
+    blur = input_blur(cfg, modules)
+    (out / "experts").mkdir(exist_ok=True)
+    log_probs, plans, expert_accuracy, down = [], {}, {}, {}
+    for k, rows in enumerate(parts):
+        if len(rows) == 0:
+            continue  # a client whose every row was withdrawn has no data, no modules and no expert
+        client = train.subset(rows)
+        # Client k's own modules never travel; it receives every other client's.
+        down[str(k)] = sum(sizes[m["module_id"]] for m, _ in modules if m["client_id"] != k)
+
+        t0 = time.perf_counter()
+        images, labels, plans[str(k)] = local_training_set(client, modules, cfg.synthesis.samples_per_class,
+                                                           cfg.run.seed, device, cfg.synthesis.batch_size)
+        timer.add("synthesis", time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        model = train_classifier(images, labels, train.num_classes, cfg.classifier,
+                                 derive_seed(cfg.run.seed, "classifier", k), device, desc=f"expert {k}",
+                                 progress=cfg.run.progress, input_blur=blur)
+        timer.add("classifier", time.perf_counter() - t0)
+        save_classifier(model, expert_path(out, k))
+
+        t0 = time.perf_counter()
+        log_probs.append(predict_log_proba(model, test.images, device))
+        expert_accuracy[str(k)] = float((log_probs[-1].argmax(1) == test.labels).mean())
+        timer.add("evaluation", time.perf_counter() - t0)
+        log.info("expert %d: %d real + %d synthetic images, alone %.4f on the test set", k, len(client),
+                 len(images) - len(client), expert_accuracy[str(k)])
+    if not log_probs:
+        raise ValueError("local mode: no client holds any data, so there is no expert to combine")
+
+    t0 = time.perf_counter()
+    metrics = evaluate(product_of_experts(log_probs), test.labels, test.class_names)
+    timer.add("evaluation", time.perf_counter() - t0)
+    timer.add("end_to_end", time.perf_counter() - timer.start)
+
+    rows = [("factory-local", metrics)]
+    if cfg.reference.centralized:
+        t0 = time.perf_counter()
+        ref_model = train_classifier(train.images, train.labels, train.num_classes, cfg.classifier,
+                                     derive_seed(cfg.run.seed, "classifier"), device, desc="centralized",
+                                     progress=cfg.run.progress, input_blur=blur)
+        ref = evaluate(predict_proba(ref_model, test.images, device), test.labels, test.class_names)
+        timer.add("reference", time.perf_counter() - t0)
+        metrics["reference"] = {"centralized": ref, "accuracy_ratio": metrics["accuracy"] / ref["accuracy"]}
+        rows.append(("centralized", ref))
+
+    per_client: dict[str, int] = {}
+    for m, _ in modules:
+        per_client[str(m["client_id"])] = per_client.get(str(m["client_id"]), 0) + sizes[m["module_id"]]
+    held = {c for rows_k in parts for c in np.unique(train.labels[rows_k]).tolist()}
+    metrics |= {
+        "mode": "local",
+        "timings": timer.timings,
+        "bytes": {"per_module": sizes, "per_client": per_client, "total_up": sum(sizes.values()),
+                  "down_per_client": down, "total_down": sum(down.values())},
+        "synthesis_plan": plans,
+        "expert_accuracy": expert_accuracy,
+        "experts": sorted(expert_accuracy, key=int),
+        "modules": sorted(sizes),
+        "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in held],
+        "generator_family": cfg.generator.family,
+        "classifier_input_blur": blur,
+        "device": str(device),
+        "config_hash": config_hash(cfg),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    table = format_table(rows)
+    if "reference" in metrics:
+        table += f"\naccuracy relative to centralized: {metrics['reference']['accuracy_ratio']:.4f}"
+    log.info("results (%s, %d test images, product of %d experts):\n%s", test.name, len(test), len(log_probs), table)
+    log.info("timings (s): %s", json.dumps(timer.timings))
+    return metrics
+
+
 def run(cfg: Config) -> dict:
     """Run the whole method in one process; returns the metrics written to metrics.json."""
     out = prepare_run_dir(cfg)
@@ -255,18 +387,17 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     train, test = load_data(cfg)
     parts = split_clients(cfg, train)
-    hist = class_histogram(train.labels, parts, train.num_classes)
-    atomic_write_json(out / "partition.json", {
-        "scheme": cfg.data.partition, "num_clients": len(parts), "class_names": list(train.class_names),
-        "histogram": hist.tolist(), "indices": [p.tolist() for p in parts]})
-    log.info("partition (%s), samples per client and class:\n%s", cfg.data.partition,
-             format_histogram(hist, train.class_names))
+    write_partition(cfg, train, parts, out)
     timer.add("data", time.perf_counter() - t0)
 
     # Clients: one module per held class, trained from scratch.
     train_all_modules(cfg, train, parts, out, device, timer)
 
-    # Server: validate the registry, synthesize, train and evaluate the classifier.
-    metrics = server_stage(cfg, load_registry(out / "modules"), train, test, out, device, timer)
+    # Server mode: validate the registry, synthesize, train and evaluate the classifier.
+    # Local mode: every client trains an expert on its data and the modules it receives; experts are multiplied.
+    if cfg.classifier.mode == "local":
+        metrics = local_stage(cfg, load_registry(out / "modules"), parts, train, test, out, device, timer)
+    else:
+        metrics = server_stage(cfg, load_registry(out / "modules"), train, test, out, device, timer)
     log.info("report: %s", write_report(out, device=device))
     return metrics

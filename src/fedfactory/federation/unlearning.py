@@ -13,6 +13,11 @@ survive in it (synthetic images, classifier, BatchNorm statistics, metrics, samp
 - partition.json: the source partition without the withdrawn rows (client ids keep their numbers);
 - modules/: byte copies of the remaining module files, validated again on load;
 - what server_stage writes (samples.png, classifier.safetensors, metrics.json), log.txt and unlearning.json.
+
+Local mode (classifier.mode=local) is unlearned the same way, except that there is no single classifier: every
+remaining client's expert was trained on synthetic images that may come from the removed modules, so every
+remaining client retrains its expert (local_stage), and the certificate lists those clients as the participants
+the unlearning needs, and which of them had actually drawn images from a removed module.
 The directory is assembled under a hidden temporary name and renamed into place when complete; report.html
 is then written from it as `run` does.
 """
@@ -36,7 +41,7 @@ from fedfactory.data.partition import class_histogram
 from fedfactory.device import select_device
 from fedfactory.federation.client import held_classes, train_client_module
 from fedfactory.federation.factory import load_registry
-from fedfactory.federation.runner import Timer, load_data, server_stage, setup_logging
+from fedfactory.federation.runner import Timer, load_data, local_stage, server_stage, setup_logging
 from fedfactory.generative.artifact import module_filename, module_id, save_module, weights_sha256
 from fedfactory.report import write_report
 from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
@@ -65,14 +70,15 @@ def default_out(run_dir: Path, clients=(), modules=()) -> Path:
 
 def read_source(run_dir: Path) -> tuple[Config, dict, dict]:
     """The finished run's config, partition and metrics; refuses runs that cannot be unlearned exactly."""
-    for name in ("config.toml", "partition.json", "metrics.json", "classifier.safetensors", "modules"):
+    def require(name: str) -> None:
         if not (run_dir / name).exists():
             raise UnlearningError(f"{run_dir} has no {name}: not a finished run directory; finish it with "
                                   f"`fedfactory run --config {run_dir / 'config.toml'}` first")
+
+    require("config.toml")
     cfg = load_config(str(run_dir / "config.toml"))
-    if cfg.classifier.mode != "server":
-        raise UnlearningError(f"{run_dir} has classifier.mode={cfg.classifier.mode}: local mode is not "
-                              "implemented yet, so only server-mode runs can be unlearned")
+    for name in ("partition.json", "metrics.json", TRAINED[cfg.classifier.mode], "modules"):
+        require(name)
     partition_doc = json.loads((run_dir / "partition.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if metrics.get("config_hash") != config_hash(cfg):
@@ -175,6 +181,49 @@ def classifier_record(path: Path) -> dict:
     return {"file_sha256": sha256_file(path), "weights_sha256": weights_sha256(load_file(str(path)))}
 
 
+TRAINED = {"server": "classifier.safetensors", "local": "experts"}  # what the stage of each mode trains
+
+
+def trained_record(run_dir: Path, mode: str) -> dict:
+    """classifier_record of the server's classifier, or {"experts": {name: record}} of every local expert."""
+    if mode == "local":
+        return {"experts": {p.stem: classifier_record(p) for p in sorted((run_dir / "experts").glob("*.safetensors"))}}
+    return classifier_record(run_dir / "classifier.safetensors")
+
+
+def factory_stage(cfg: Config, registry: list, parts: list[np.ndarray], train: ImageDataset, test: ImageDataset,
+                  out: Path, device: torch.device, timer: Timer) -> dict:
+    """The stage `run` ends with for cfg's classifier mode."""
+    if cfg.classifier.mode == "local":
+        return local_stage(cfg, registry, parts, train, test, out, device, timer)
+    return server_stage(cfg, registry, train, test, out, device, timer)
+
+
+def trained_difference(a_dir: Path, b_dir: Path, mode: str) -> dict | None:
+    """first_difference of the classifiers, or of each expert (named in the answer), of two run directories."""
+    if mode != "local":
+        return first_difference(load_file(str(a_dir / TRAINED[mode])), load_file(str(b_dir / TRAINED[mode])))
+    a = {p.name for p in (a_dir / "experts").glob("*.safetensors")}
+    b = {p.name for p in (b_dir / "experts").glob("*.safetensors")}
+    for name in sorted(a | b):
+        if name not in a or name not in b:
+            return {"expert": name, "reason": f"only in the {'unlearned' if name in a else 'verification'} run"}
+        found = first_difference(load_file(str(a_dir / "experts" / name)), load_file(str(b_dir / "experts" / name)))
+        if found:
+            return {"expert": name} | found
+    return None
+
+
+def local_participants(before: dict, parts: list[np.ndarray], removed: list[str]) -> dict:
+    """Who a local-mode unlearning needs: every remaining client with data retrains its expert."""
+    plans = before.get("synthesis_plan") or {}
+    used = sorted(int(k) for k, plan in plans.items() if isinstance(plan, dict) and set(plan) & set(removed))
+    return {"clients": [k for k, rows in enumerate(parts) if len(rows)],
+            "used_removed_modules": used,
+            "why": "local mode: every remaining client received the removed modules and trained its expert on "
+                   "synthetic images that may come from them, so every remaining expert is retrained"}
+
+
 def first_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict | None:
     """The first tensor (in name order) whose name, dtype, shape or bytes differ; None when bit-identical."""
     for name in sorted(a.keys() | b.keys()):
@@ -200,7 +249,7 @@ def withdraw_rows(parts: list[np.ndarray], labels: np.ndarray, removed: list[dic
 
 
 def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, parts: list[np.ndarray],
-                        expected: dict[str, tuple[dict, dict]], unlearned_metrics: dict, classifier_path: Path,
+                        expected: dict[str, tuple[dict, dict]], unlearned_metrics: dict, unlearned_dir: Path,
                         device: torch.device) -> dict:
     """Rerun the pipeline from scratch on the withdrawn partition and compare it with the unlearned run."""
     t0 = time.perf_counter()
@@ -224,9 +273,9 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
                         module_difference = {"module_id": mid} | found
         missing = sorted(expected.keys() - trained)
         # The same synthesis, classifier and evaluation; the timer is the verification's own.
-        metrics = server_stage(cfg, load_registry(tmp / "modules"), train, test, tmp, device, Timer())
-        difference = first_difference(load_file(str(classifier_path)), load_file(str(tmp / "classifier.safetensors")))
-        scratch = classifier_record(tmp / "classifier.safetensors")
+        metrics = factory_stage(cfg, load_registry(tmp / "modules"), parts, train, test, tmp, device, Timer())
+        difference = trained_difference(unlearned_dir, tmp, cfg.classifier.mode)
+        scratch = trained_record(tmp, cfg.classifier.mode)
     # Timings are wall clock, and module file sizes can differ by a byte or two because each manifest records
     # its own train_seconds; everything else in metrics.json must match.
     same_metrics = all(metrics.get(k) == unlearned_metrics.get(k) for k in metrics.keys() | unlearned_metrics.keys()
@@ -293,16 +342,16 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
         registry = load_registry(stage / "modules")
 
         # Re-synthesize, retrain and evaluate exactly as a run does.
-        after = server_stage(new_cfg, registry, train, test, stage, device, timer)
+        after = factory_stage(new_cfg, registry, parts, train, test, stage, device, timer)
         unlearn_seconds = round(time.perf_counter() - timer.start, 3)
-        new_classifier = classifier_record(stage / "classifier.safetensors")
+        new_classifier = trained_record(stage, new_cfg.classifier.mode)
 
         groups = class_groups(source, removed, train.num_classes)
         certificate = {
             "format_version": CERTIFICATE_VERSION,
             "source_run": str(run_dir),
             "source_config_hash": before.get("config_hash"),
-            "source_classifier": classifier_record(run_dir / "classifier.safetensors"),
+            "source_classifier": trained_record(run_dir, cfg.classifier.mode),
             "out": str(out),
             "requested": {"clients": list(clients), "modules": list(modules)},
             "removed_modules": removed_records,
@@ -324,10 +373,12 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
             "timings": after["timings"],
             "verified": None,
         }
+        if new_cfg.classifier.mode == "local":
+            certificate |= {"mode": "local", "participants": local_participants(before, parts, removed)}
         if verify:
             log.info("verifying: retraining %d modules from scratch without the removed ones", len(remaining))
             certificate["verification"] = verify_from_scratch(new_cfg, train, test, parts, {
-                m["module_id"]: (m, t) for m, t in registry}, after, stage / "classifier.safetensors", device)
+                m["module_id"]: (m, t) for m, t in registry}, after, stage, device)
             certificate["verified"] = certificate["verification"]["verified"]
             certificate["seconds"]["verify"] = certificate["verification"]["seconds"]
             log.info("verification %s: %s", "passed" if certificate["verified"] else "FAILED",

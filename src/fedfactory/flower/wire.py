@@ -1,0 +1,53 @@
+"""What crosses the wire: a module travels as the exact bytes of its safetensors file, in one Array.
+
+Why bytes rather than one Array per tensor plus a manifest ConfigRecord: the file is the unit the registry
+stores, hashes and validates, so carrying it unchanged makes the server's check the same `module_from_bytes`
+that guards the registry, keeps the manifest and the weights it hashes in one piece, and leaves nothing to
+re-serialize (the bytes a client sends are the bytes the server writes). An Array rather than a `bytes` entry
+in a ConfigRecord, because Flower splits Arrays into chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (5 MiB), so
+large modules stream; the custom stype keeps Flower from ever calling `np.load` on them.
+"""
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedfactory.generative.artifact import MAX_FILE_BYTES, ModuleError
+
+MODULE_STYPE = "fedfactory.safetensors"
+TRAIN = "train"  # message type: train every module this node holds
+TASK = "fedfactory-task"  # ConfigRecord of the instruction: config-hash, skip (module ids the server has)
+MODULES = "modules"  # ArrayRecord of the reply: module id -> Array holding the module file's bytes
+CLIENT = "fedfactory-client"  # ConfigRecord of the reply: client-id, config-hash, train-seconds
+
+
+def module_array(data: bytes) -> Array:
+    """Wrap a module file's bytes for a reply."""
+    return Array(dtype="uint8", shape=(len(data),), stype=MODULE_STYPE, data=data)
+
+
+def module_bytes(array: object, source: str) -> bytes:
+    """The module bytes an Array claims to carry; refuses anything that is not a module payload."""
+    if not isinstance(array, Array) or array.stype != MODULE_STYPE or array.dtype != "uint8":
+        what = f"stype {array.stype!r}" if isinstance(array, Array) else type(array).__name__
+        raise ModuleError(f"{source}: payload is {what}, not {MODULE_STYPE!r}; send module_to_bytes output")
+    if len(array.data) > MAX_FILE_BYTES or tuple(array.shape) != (len(array.data),):
+        raise ModuleError(f"{source}: payload shape {tuple(array.shape)} does not describe its {len(array.data)} "
+                          f"bytes or is over {MAX_FILE_BYTES}; send module_to_bytes output")
+    return bytes(array.data)
+
+
+def task_content(config_hash: str, skip: list[str]) -> RecordDict:
+    return RecordDict({TASK: ConfigRecord({"config-hash": config_hash, "skip": list(skip)})})
+
+
+def reply_content(client_id: int, config_hash: str, modules: dict[str, bytes], train_seconds: float) -> RecordDict:
+    info = ConfigRecord({"client-id": client_id, "config-hash": config_hash, "train-seconds": train_seconds})
+    return RecordDict({MODULES: ArrayRecord({mid: module_array(data) for mid, data in modules.items()}),
+                       CLIENT: info})
+
+
+def wire_bytes(message: Message) -> int:
+    """Bytes of the objects Flower transfers for a message (metadata, records, array chunks), before gRPC framing."""
+    # Private in Flower 1.42 (pinned), but it is exactly what the SuperLink stores and forwards.
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
