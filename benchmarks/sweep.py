@@ -36,7 +36,6 @@ SMOKE = dict(steps=20, channels=8, latent_dim=8, mixture_components=3)
 
 def run_variant(name: str, args) -> dict:
     import numpy as np
-    import torch
 
     from fedfactory.classifier import predict_proba, train_classifier
     from fedfactory.config import ClassifierConfig, GeneratorConfig
@@ -55,7 +54,7 @@ def run_variant(name: str, args) -> dict:
         recipes = [(int(n), int(e), a) for n, e, a in (r.split(":") for r in args.recipes.split(","))]
     result = {"variant": name, "device": str(device), "recipes": []}
     if name == "centralized":
-        for n, epochs, aug in recipes:
+        for _, epochs, aug in recipes:
             cfg = ClassifierConfig(epochs=epochs, augment=aug, width=8 if args.smoke else 32)
             t0 = time.perf_counter()
             model = train_classifier(train.images, train.labels, train.num_classes, cfg, 0, device, progress=False)
@@ -122,13 +121,15 @@ def main():
     names = [v for v in ["centralized", *VARIANTS] if not args.only or v in args.only.split(",")]
     start, pending, running = time.time(), list(names), {}
     passthrough = ["--dataset", args.dataset, "--image-size", str(args.image_size), "--device", args.device,
-                   "--out", args.out, "--recipes", args.recipes] + (["--root", args.root] if args.root else []) + (["--smoke"] if args.smoke else [])
+                   "--out", args.out, "--recipes", args.recipes]
+    passthrough += (["--root", args.root] if args.root else []) + (["--smoke"] if args.smoke else [])
     while pending or running:
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
             log = open(out / f"log-{name}.txt", "w")
             running[name] = subprocess.Popen([sys.executable, __file__, *passthrough, "--variant", name],
-                                              stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "2"})
+                                              stdout=log, stderr=subprocess.STDOUT,
+                                              env=os.environ | {"OMP_NUM_THREADS": "2"})
         for name, proc in list(running.items()):
             if proc.poll() is not None:
                 print(f"{name}: exit {proc.returncode} after {time.time() - start:.0f}s", flush=True)

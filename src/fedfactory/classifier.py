@@ -29,7 +29,8 @@ class GaussianBlur(nn.Module):
         super().__init__()
         r = torch.arange(-radius, radius + 1, dtype=torch.float32)
         k = torch.exp(-(r**2) / (2 * sigma**2)) if sigma > 0 else (r == 0).float()
-        self.register_buffer("kernel", (k / k.sum()).repeat(channels, 1, 1, 1), persistent=False)  # (C, 1, 1, 2r+1)
+        # Persistent, so a saved classifier carries its input filter and loads without the run's metrics.
+        self.register_buffer("kernel", (k / k.sum()).repeat(channels, 1, 1, 1))  # (C, 1, 1, 2r+1)
         self.channels, self.radius = channels, radius
 
     def forward(self, x):
@@ -111,13 +112,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     return model.eval()
 
 
-@torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1000) -> np.ndarray:
     """Class probabilities (N, num_classes) as float64 for uint8 images (N, H, W, C)."""
-    model.eval()
-    out = [model(torch.from_numpy(to_float(images[i:i + batch_size])).to(device)).float().softmax(1).cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out).double().numpy()
+    return np.exp(predict_log_proba(model, images, device, batch_size))
 
 
 @torch.no_grad()

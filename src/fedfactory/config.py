@@ -110,7 +110,8 @@ POSITIVE = {
     ("run", "threads"): 0, ("data", "num_clients"): 1, ("data", "classes_per_client"): 1,
     ("data", "min_partition_size"): 0, ("data", "image_size"): 0,
     ("generator", "steps"): 1, ("generator", "batch_size"): 1, ("generator", "channels"): 1,
-    ("generator", "latent_dim"): 1, ("generator", "residual_rank"): 0, ("generator", "mixture_components"): 1, ("generator", "sampler_steps"): 1,
+    ("generator", "latent_dim"): 1, ("generator", "residual_rank"): 0, ("generator", "mixture_components"): 1,
+    ("generator", "sampler_steps"): 1,
     ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1,
     ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "batch_size"): 1,
     ("baselines", "rounds"): 1, ("baselines", "local_epochs"): 1, ("baselines", "local_steps"): 0,
@@ -200,7 +201,8 @@ def _flatten(table: dict, path: str) -> dict[str, object]:
     flat = {}
     for section, body in table.items():
         if not isinstance(body, dict):
-            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]; valid keys: {', '.join(valid_keys())}")
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]; "
+                              f"valid keys: {', '.join(valid_keys())}")
         flat.update({f"{section}.{k}": v for k, v in body.items()})
     return flat
 

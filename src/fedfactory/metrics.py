@@ -41,5 +41,6 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     head = f"{'method':<24}" + "".join(f"{k:>19}" for k in keys)
     lines = [head, "-" * len(head)]
     for name, m in rows:
-        lines.append(f"{name:<24}" + "".join(f"{m[k]:>19.4f}" if m.get(k) is not None else f"{'n/a':>19}" for k in keys))
+        cells = (f"{m[k]:>19.4f}" if m.get(k) is not None else f"{'n/a':>19}" for k in keys)
+        lines.append(f"{name:<24}" + "".join(cells))
     return "\n".join(lines)

@@ -15,7 +15,8 @@ def module_spec(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     try:
         return expected_tensors(manifest)
     except (ValueError, KeyError, TypeError) as e:
-        raise ModuleError(f"module {manifest.get('module_id')}: network config does not define a valid network ({e})") from None
+        raise ModuleError(f"module {manifest.get('module_id')}: network config does not define a valid network "
+                          f"({e})") from None
 
 
 def load_registry(modules_dir: Path) -> list[tuple[dict, dict[str, torch.Tensor]]]:
@@ -24,7 +25,8 @@ def load_registry(modules_dir: Path) -> list[tuple[dict, dict[str, torch.Tensor]
     for path in sorted(Path(modules_dir).glob("*.safetensors")):
         manifest, tensors = load_module(path, expected=module_spec)
         if path.name != module_filename(manifest["module_id"]):
-            raise ModuleError(f"{path}: file name does not match module id {manifest['module_id']}; rename or remove it")
+            raise ModuleError(f"{path}: file name does not match module id {manifest['module_id']}; "
+                              "rename or remove it")
         modules.append((manifest, tensors))
     return modules
 

@@ -188,6 +188,21 @@ def input_blur(cfg: Config, modules: list) -> float:
     return round(float(np.mean(sigmas)), 4) if cfg.classifier.match_sharpness and sigmas else 0.0
 
 
+def centralized_reference(cfg: Config, train: ImageDataset, test: ImageDataset, device: torch.device, timer: Timer,
+                          blur: float, metrics: dict) -> list[tuple[str, dict]]:
+    """If asked, train the same classifier and recipe on the pooled real data; adds metrics["reference"]."""
+    if not cfg.reference.centralized:
+        return []
+    t0 = time.perf_counter()
+    model = train_classifier(train.images, train.labels, train.num_classes, cfg.classifier,
+                             derive_seed(cfg.run.seed, "classifier"), device, desc="centralized",
+                             progress=cfg.run.progress, input_blur=blur)
+    ref = evaluate(predict_proba(model, test.images, device), test.labels, test.class_names)
+    timer.add("reference", time.perf_counter() - t0)
+    metrics["reference"] = {"centralized": ref, "accuracy_ratio": metrics["accuracy"] / ref["accuracy"]}
+    return [("centralized", ref)]
+
+
 def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDataset, out: Path,
                  device: torch.device, timer: Timer) -> dict:
     """Synthesize a class-balanced set from the modules, train the classifier, evaluate it; write the results.
@@ -215,16 +230,7 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
     timer.add("end_to_end", time.perf_counter() - timer.start)
 
     # Centralized reference: the same classifier and recipe on the pooled real training data.
-    rows = [("factory-server", metrics)]
-    if cfg.reference.centralized:
-        t0 = time.perf_counter()
-        ref_model = train_classifier(train.images, train.labels, train.num_classes, cfg.classifier,
-                                     derive_seed(cfg.run.seed, "classifier"), device, desc="centralized",
-                                     progress=cfg.run.progress, input_blur=blur)
-        ref = evaluate(predict_proba(ref_model, test.images, device), test.labels, test.class_names)
-        timer.add("reference", time.perf_counter() - t0)
-        metrics["reference"] = {"centralized": ref, "accuracy_ratio": metrics["accuracy"] / ref["accuracy"]}
-        rows.append(("centralized", ref))
+    rows = [("factory-server", metrics)] + centralized_reference(cfg, train, test, device, timer, blur, metrics)
 
     sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
     per_client: dict[str, int] = {}
@@ -336,16 +342,7 @@ def local_stage(cfg: Config, modules: list, parts: list[np.ndarray], train: Imag
     timer.add("evaluation", time.perf_counter() - t0)
     timer.add("end_to_end", time.perf_counter() - timer.start)
 
-    rows = [("factory-local", metrics)]
-    if cfg.reference.centralized:
-        t0 = time.perf_counter()
-        ref_model = train_classifier(train.images, train.labels, train.num_classes, cfg.classifier,
-                                     derive_seed(cfg.run.seed, "classifier"), device, desc="centralized",
-                                     progress=cfg.run.progress, input_blur=blur)
-        ref = evaluate(predict_proba(ref_model, test.images, device), test.labels, test.class_names)
-        timer.add("reference", time.perf_counter() - t0)
-        metrics["reference"] = {"centralized": ref, "accuracy_ratio": metrics["accuracy"] / ref["accuracy"]}
-        rows.append(("centralized", ref))
+    rows = [("factory-local", metrics)] + centralized_reference(cfg, train, test, device, timer, blur, metrics)
 
     per_client: dict[str, int] = {}
     for m, _ in modules:

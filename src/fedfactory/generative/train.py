@@ -116,7 +116,8 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         opt.step()
         update_ema(ema, model, step)
         if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1) * cfg.batch_size / (time.perf_counter() - t0):.0f}")
+            img_s = (step + 1) * cfg.batch_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
     bar.close()
     ema = ema.cpu().eval()
     training = {"steps": cfg.steps, "seed": seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
