@@ -203,6 +203,18 @@ def centralized_reference(cfg: Config, train: ImageDataset, test: ImageDataset, 
     return [("centralized", ref)]
 
 
+def write_metrics(cfg: Config, metrics: dict, rows: list[tuple[str, dict]], out: Path, device: torch.device,
+                  blur: float) -> str:
+    """Add the keys every run records, write metrics.json atomically, return the printed results table."""
+    metrics |= {"generator_family": cfg.generator.family, "classifier_input_blur": blur, "device": str(device),
+                "config_hash": config_hash(cfg)}
+    atomic_write_json(out / "metrics.json", metrics)
+    table = format_table(rows)
+    if "reference" in metrics:
+        table += f"\naccuracy relative to centralized: {metrics['reference']['accuracy_ratio']:.4f}"
+    return table
+
+
 def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDataset, out: Path,
                  device: torch.device, timer: Timer) -> dict:
     """Synthesize a class-balanced set from the modules, train the classifier, evaluate it; write the results.
@@ -243,15 +255,8 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
         "synthesis_plan": plan,
         "modules": sorted(sizes),
         "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in present],
-        "generator_family": cfg.generator.family,
-        "classifier_input_blur": blur,
-        "device": str(device),
-        "config_hash": config_hash(cfg),
     }
-    atomic_write_json(out / "metrics.json", metrics)
-    table = format_table(rows)
-    if "reference" in metrics:
-        table += f"\naccuracy relative to centralized: {metrics['reference']['accuracy_ratio']:.4f}"
+    table = write_metrics(cfg, metrics, rows, out, device, blur)
     if metrics["missing_classes"]:
         log.info("no module for classes %s: the classifier never sees them", metrics["missing_classes"])
     log.info("results (%s, %d test images):\n%s", test.name, len(test), table)
@@ -358,15 +363,8 @@ def local_stage(cfg: Config, modules: list, parts: list[np.ndarray], train: Imag
         "experts": sorted(expert_accuracy, key=int),
         "modules": sorted(sizes),
         "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in held],
-        "generator_family": cfg.generator.family,
-        "classifier_input_blur": blur,
-        "device": str(device),
-        "config_hash": config_hash(cfg),
     }
-    atomic_write_json(out / "metrics.json", metrics)
-    table = format_table(rows)
-    if "reference" in metrics:
-        table += f"\naccuracy relative to centralized: {metrics['reference']['accuracy_ratio']:.4f}"
+    table = write_metrics(cfg, metrics, rows, out, device, blur)
     log.info("results (%s, %d test images, product of %d experts):\n%s", test.name, len(test), len(log_probs), table)
     log.info("timings (s): %s", json.dumps(timer.timings))
     return metrics
