@@ -370,20 +370,27 @@ def local_stage(cfg: Config, modules: list, parts: list[np.ndarray], train: Imag
     return metrics
 
 
-def run(cfg: Config) -> dict:
-    """Run the whole method in one process; returns the metrics written to metrics.json."""
-    out = prepare_run_dir(cfg)
+def start_run(cfg: Config, kind: str = "run"):
+    """Open the run directory and its log, choose the device, load the data and write the partition.
+
+    Shared by the in-process runner and the Flower server; returns (out, device, timer, train, test, parts).
+    """
+    out = prepare_run_dir(cfg).resolve()
     setup_logging(out)
     device = select_device(cfg.run.device, cfg.run.threads)
     timer = Timer()
-    log.info("run %s on %s, config %s", out, device, config_hash(cfg)[:12])
-
-    # Load data and split it among clients.
+    log.info("%s %s on %s, config %s", kind, out, device, config_hash(cfg)[:12])
     t0 = time.perf_counter()
     train, test = load_data(cfg)
     parts = split_clients(cfg, train)
     write_partition(cfg, train, parts, out)
     timer.add("data", time.perf_counter() - t0)
+    return out, device, timer, train, test, parts
+
+
+def run(cfg: Config) -> dict:
+    """Run the whole method in one process; returns the metrics written to metrics.json."""
+    out, device, timer, train, test, parts = start_run(cfg)
 
     # Clients: one module per held class, trained from scratch.
     train_all_modules(cfg, train, parts, out, device, timer)

@@ -16,18 +16,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfactory.config import Config, ConfigError, config_hash
 from fedfactory.data.datasets import ImageDataset
-from fedfactory.device import select_device
 from fedfactory.federation.client import held_classes
 from fedfactory.federation.factory import load_registry, module_spec
 from fedfactory.federation.runner import (
-    Timer,
-    load_data,
-    prepare_run_dir,
     reusable_module,
     server_stage,
-    setup_logging,
-    split_clients,
-    write_partition,
+    start_run,
 )
 from fedfactory.flower.run_config import FlowerConfig, parse_run_config
 from fedfactory.flower.wire import CLIENT, MODULES, TRAIN, module_bytes, task_content, wire_bytes
@@ -191,19 +185,9 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     if cfg.classifier.mode != "server":
         # "local" mode sends every client the others' modules: a second round these apps do not implement yet.
         raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} runs only with `fedfactory run`; use server")
-    out = prepare_run_dir(cfg).resolve()
-    setup_logging(out)
-    device = select_device(cfg.run.device, cfg.run.threads)
-    timer = Timer()
-    log.info("flower run %s on %s, config %s", out, device, config_hash(cfg)[:12])
-
-    # Load data and the partition: for partition.json, the expected modules and the evaluation.
-    t0 = time.perf_counter()
-    train, test = load_data(cfg)
-    parts = split_clients(cfg, train)
-    write_partition(cfg, train, parts, out)
+    # The data and the partition give partition.json, the modules to expect and the evaluation.
+    out, device, timer, train, test, parts = start_run(cfg, kind="flower run")
     expected = expected_modules(train, parts)
-    timer.add("data", time.perf_counter() - t0)
     have = [mid for mids in expected.values() for mid in mids
             if reusable_module(out / "modules" / module_filename(mid), cfg, cfg.run.seed)]
     if have:
