@@ -59,6 +59,14 @@ ALL_KEYS = ", ".join(valid_keys())
     ("classifier.weight_decay=-0.1", "classifier.weight_decay=-0.1: must be >= 0"),
     ("classifier.label_smoothing=1", "classifier.label_smoothing=1.0: must lie in [0, 1)"),
     ("classifier.label_smoothing=inf", "classifier.label_smoothing=inf: must be a finite number"),
+    ("baselines.rounds=0", "baselines.rounds=0: must be >= 1"),
+    ("baselines.fedprox_mu=-0.1", "baselines.fedprox_mu=-0.1: must be >= 0 (0 makes FedProx FedAvg)"),
+    ("baselines.feddyn_alpha=0", "baselines.feddyn_alpha=0.0: must be > 0 (the server divides by it)"),
+    ("baselines.lr=0", "baselines.lr=0.0: the learning rate must be > 0"),
+    ("baselines.weighting=size", "baselines.weighting='size': valid values are samples, uniform"),
+    ("baselines.clients_per_round=11",
+     "baselines.clients_per_round=11: valid values are 0 (all) to data.num_clients=10"),
+    ("baselines.val_fraction=1", "baselines.val_fraction=1.0: must lie in [0, 1)"),
 ])
 def test_bad_override_is_refused_in_one_line(override, message):
     with pytest.raises(ConfigError) as refused:
