@@ -75,14 +75,15 @@ def test_loss_falls_and_training_is_deterministic(sevens, family):
         assert f1["training"]["final_loss"] < base
 
 
-@pytest.mark.parametrize("family", ["aegmm", "edm"])
-def test_module_round_trip_and_per_image_sampling(tmp_path, sevens, family):
+@pytest.mark.parametrize("family, residual_rank", [("aegmm", 0), ("aegmm", 3), ("edm", 0)])
+def test_module_round_trip_and_per_image_sampling(tmp_path, sevens, family, residual_rank):
     cfg = GeneratorConfig(family=family, steps=5, batch_size=16, channels=8, latent_dim=8, mixture_components=2,
-                          sampler_steps=4)
+                          sampler_steps=4, residual_rank=residual_rank)
     tensors, fields = train_module(sevens, cfg, seed=1, device=CPU, progress=False)
     manifest = {"module_id": module_id(2, 7), "client_id": 2, "class_id": 7, "class_name": "7",
                 "num_samples": len(sevens)} | fields
     assert {k: (tuple(v.shape), "float32") for k, v in tensors.items()} == expected_tensors(manifest)
+    assert ("residual.basis" in tensors) == (residual_rank > 0)
     save_module(tmp_path / "m.safetensors", tensors, manifest)
     loaded_manifest, loaded = load_module(tmp_path / "m.safetensors", expected=module_spec)
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)

@@ -124,14 +124,16 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
                 "final_loss": float(loss.item())}
     if cfg.family == "aegmm":
         # Ex-post density estimation: fit the mixture to the EMA encoder's latents of every training image.
+        # One pass over the data gives the latents and the reconstructions both densities need.
         with torch.no_grad():
             z = torch.cat([ema.encoder(torch.from_numpy(to_float(images[i:i + 1000])))
                            for i in range(0, len(images), 1000)])
+            recon = torch.cat([ema.decoder(z[i:i + 1000]) for i in range(0, len(z), 1000)])
         mixture = fit_mixture(z, cfg.mixture_components, derive_seed(seed, "mixture"))
         tensors = {f"decoder.{k}": v.contiguous() for k, v in ema.decoder.state_dict().items()} | mixture
         if cfg.residual_rank:
-            tensors |= fit_residual(ema, images, cfg.residual_rank)
-        training["blur_sigma"] = measure_blur(ema, images)
+            tensors |= fit_residual(images, recon, cfg.residual_rank)
+        training["blur_sigma"] = measure_blur(images, recon)
         training["mixture_size"] = int(mixture["mixture.means"].shape[0])
         diffusion = {}
     else:
@@ -145,7 +147,7 @@ BLUR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # pixels
 
 
 @torch.no_grad()
-def measure_blur(model: AutoEncoder, images: np.ndarray, max_images: int = 500) -> float:
+def measure_blur(images: np.ndarray, recon: torch.Tensor, max_images: int = 500) -> float:
     """The Gaussian blur (sigma in pixels, from BLUR_GRID) that best maps real images to their reconstructions.
 
     Measured by the client on its own data and sent in the manifest, so the server can match the
@@ -154,24 +156,20 @@ def measure_blur(model: AutoEncoder, images: np.ndarray, max_images: int = 500) 
     from fedfactory.classifier import GaussianBlur
 
     x = torch.from_numpy(to_float(images[:max_images]))
-    recon = model(x)
-    errors = [((GaussianBlur(x.shape[1], s)(x) - recon) ** 2).mean().item() for s in BLUR_GRID]
+    errors = [((GaussianBlur(x.shape[1], s)(x) - recon[:max_images]) ** 2).mean().item() for s in BLUR_GRID]
     return BLUR_GRID[int(np.argmin(errors))]
 
 
 @torch.no_grad()
-def fit_residual(model: AutoEncoder, images: np.ndarray, rank: int) -> dict[str, torch.Tensor]:
+def fit_residual(images: np.ndarray, recon: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
     """Gaussian model of what the decoder misses: mean and top principal directions of x - D(E(x)).
 
     A deterministic decoder regresses to the mean and blurs fine texture; adding back residual noise drawn
     from this low-rank Gaussian (probabilistic PCA without isotropic noise) restores some of it.
+    recon: the decoder's reconstructions of images, (N, C, H, W).
     """
     shape = (images.shape[3], images.shape[1], images.shape[2])
-    res = []
-    for i in range(0, len(images), 1000):
-        x = torch.from_numpy(to_float(images[i:i + 1000]))
-        res.append((x - model(x)).flatten(1).double())
-    r = torch.cat(res)
+    r = (torch.from_numpy(to_float(images)) - recon).flatten(1).double()
     mean = r.mean(0)
     _, s, vh = torch.linalg.svd(r - mean, full_matrices=False)
     k = min(rank, vh.shape[0])
