@@ -195,3 +195,22 @@ def test_local_only_reports_the_mean_and_the_best_client(tiny):
     assert result["metrics"]["accuracy"] == pytest.approx(np.mean(accs))
     assert result["best"]["accuracy"] == max(accs) and result["best"]["client"] == int(np.argmax(accs))
     assert result["bytes"]["up"] == result["bytes"]["down"] == 0
+
+
+def test_group_norm_classifier_has_no_statistics_and_fedavg_runs_with_it():
+    from torch import nn
+
+    from fedfactory.classifier import build_classifier
+
+    model = build_classifier(1, 10, width=8, norm="group")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 5
+    assert not list(model.buffers())
+    cfg = load_config("tiny", ["classifier.norm=group", "baselines.rounds=2"])
+    train, test = load_data(cfg)
+    result = train_federated("fedavg", train, split_clients(cfg, train), test, cfg.baselines, cfg.classifier,
+                             cfg.run.seed, torch.device("cpu"))
+    assert not any("running" in k for k in result["state"])
+    assert result["metrics"]["accuracy"] >= 0
+    with pytest.raises(ValueError, match="valid values are batch, group"):
+        build_classifier(1, 10, norm="layer")

@@ -34,6 +34,8 @@ ALL_KEYS = ", ".join(valid_keys())
     ("generator.family=gan", "generator.family='gan': valid values are aegmm, edm"),
     ("classifier.augment=rotate", "classifier.augment='rotate': valid values are none, flip, crop, crop+flip"),
     ("run.device=tpu", "run.device='tpu': valid values are auto, cpu, cuda"),
+    ("classifier.norm=layer", "classifier.norm='layer': valid values are batch, group"),
+    ("generator.min_samples=0", "generator.min_samples=0: must be >= 1"),
     # Ranges.
     ("data.alpha=0", "data.alpha=0.0: the Dirichlet concentration must be > 0"),
     ("data.alpha=-0.5", "data.alpha=-0.5: the Dirichlet concentration must be > 0"),

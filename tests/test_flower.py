@@ -93,7 +93,7 @@ def client_replies(reference):
 
 def expected_for(cfg):
     train, _ = load_data(cfg)
-    return expected_modules(train, split_clients(cfg, train))
+    return expected_modules(train, split_clients(cfg, train), cfg.generator.min_samples)
 
 
 def test_pyproject_declares_every_config_key_with_its_default():

@@ -58,3 +58,22 @@ def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
     assert main(["run", "--config", "tiny", f"run.out={tmp_path}/x", "data.dataset=fashion-mnist",
                  f"data.root={tmp_path}/nowhere"]) == 2
     assert "fashion-mnist" in capsys.readouterr().err
+
+
+def test_min_samples_trains_modules_only_for_cells_with_enough_images(tmp_path):
+    out = tmp_path / "dir"
+    cfg = load_config("tiny", [f"run.out={out}", "data.partition=dirichlet", "data.num_clients=4", "data.alpha=0.3",
+                               "generator.steps=5", "generator.min_samples=20", "reference.centralized=false"])
+    metrics = run(cfg)
+    hist = json.loads((out / "partition.json").read_text())["histogram"]
+    expected = sorted(f"client-{k:03d}_class-{c:03d}" for k, row in enumerate(hist)
+                      for c, n in enumerate(row) if n >= 20)
+    skipped = [(k, c) for k, row in enumerate(hist) for c, n in enumerate(row) if 0 < n < 20]
+    assert skipped, "the split must hold small cells for this test to mean anything"
+    assert sorted(p.stem for p in (out / "modules").glob("*.safetensors")) == expected == metrics["modules"]
+    # The synthetic set stays class-balanced over the classes that have modules.
+    per_class = {}
+    for mid, n in metrics["synthesis_plan"].items():
+        per_class[int(mid[-3:])] = per_class.get(int(mid[-3:]), 0) + n
+    assert set(per_class.values()) == {cfg.synthesis.samples_per_class}
+    assert "fewer than generator.min_samples=20" in (out / "log.txt").read_text()

@@ -4,6 +4,7 @@ Server mode, the centralized reference and the baselines all call these function
 differs only in the data the classifier sees.
 """
 
+import math
 import time
 
 import numpy as np
@@ -39,11 +40,18 @@ class GaussianBlur(nn.Module):
         return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), self.kernel.transpose(2, 3), groups=c)
 
 
-def build_classifier(image_channels: int, num_classes: int, width: int = 32, input_blur: float = 0.0) -> nn.Module:
-    """[Fixed Gaussian blur], two conv-conv-pool stages, a conv, global average pooling and a linear head."""
+def build_classifier(image_channels: int, num_classes: int, width: int = 32, input_blur: float = 0.0,
+                     norm: str = "batch") -> nn.Module:
+    """[Fixed Gaussian blur], two conv-conv-pool stages, a conv, global average pooling and a linear head.
+
+    norm: "batch" (BatchNorm) or "group" (GroupNorm with up to 8 groups, no running statistics).
+    """
+    if norm not in ("batch", "group"):
+        raise ValueError(f"norm={norm!r}: valid values are batch, group")
 
     def conv(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(math.gcd(8, cout), cout)
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), layer, nn.ReLU(inplace=True)]
 
     w = width
     blur = [GaussianBlur(image_channels, input_blur)] if input_blur > 0 else []
@@ -79,7 +87,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
         raise ValueError(f"{desc}: {len(images)} training images, fewer than classifier.batch_size={cfg.batch_size}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # parameter init
-    model = build_classifier(images.shape[3], num_classes, cfg.width, input_blur).to(device)
+    model = build_classifier(images.shape[3], num_classes, cfg.width, input_blur, cfg.norm).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

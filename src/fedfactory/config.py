@@ -45,6 +45,10 @@ class GeneratorConfig:
     mixture_components: int = 20  # aegmm: Gaussian mixture components
     residual_rank: int = 0  # aegmm: principal components of the reconstruction residual added back as noise
     sampler_steps: int = 18  # edm: Heun steps
+    # A client trains a module for a class only if it holds at least this many images of it: a module fitted
+    # to a handful of images can only replay them (memorisation, a privacy leak) and a mixture cannot be fitted
+    # to them. The class is left to its other holders; a class nobody holds enough of gets no synthetic data.
+    min_samples: int = 1
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class ClassifierConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     augment: str = "none"  # none | flip | crop | crop+flip
+    # batch | group. BatchNorm fails under label skew (Hsieh et al. 2020, "The Non-IID Data Quagmire"): a
+    # one-class client's batch statistics are not the federation's. GroupNorm has no statistics to average.
+    norm: str = "batch"
     match_sharpness: bool = True  # low-pass every input at the modules' measured blur (GaussianBlur)
 
 
@@ -104,6 +111,7 @@ CHOICES = {
     ("generator", "family"): ("aegmm", "edm"),
     ("classifier", "mode"): ("server", "local"),
     ("classifier", "augment"): ("none", "flip", "crop", "crop+flip"),
+    ("classifier", "norm"): ("batch", "group"),
     ("baselines", "weighting"): ("samples", "uniform"),
 }
 POSITIVE = {
@@ -111,7 +119,7 @@ POSITIVE = {
     ("data", "min_partition_size"): 0, ("data", "image_size"): 0,
     ("generator", "steps"): 1, ("generator", "batch_size"): 1, ("generator", "channels"): 1,
     ("generator", "latent_dim"): 1, ("generator", "residual_rank"): 0, ("generator", "mixture_components"): 1,
-    ("generator", "sampler_steps"): 1,
+    ("generator", "sampler_steps"): 1, ("generator", "min_samples"): 1,
     ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1,
     ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "batch_size"): 1,
     ("baselines", "rounds"): 1, ("baselines", "local_epochs"): 1, ("baselines", "local_steps"): 0,

@@ -102,10 +102,10 @@ def read_run(run_dir: Path) -> RunFiles:
     return run
 
 
-def expected_modules(partition: dict) -> list[str]:
-    """Module ids the partition implies: one per (client, class) cell with at least one real sample."""
+def expected_modules(partition: dict, min_samples: int = 1) -> list[str]:
+    """Module ids the partition implies: one per (client, class) cell with at least min_samples real images."""
     hist = np.asarray(partition["histogram"], dtype=np.int64)
-    return [module_id(int(k), int(c)) for k, c in zip(*np.nonzero(hist), strict=True)]
+    return [module_id(int(k), int(c)) for k, c in zip(*np.nonzero(hist >= min_samples), strict=True)]
 
 
 # HTML and figure helpers.
@@ -359,7 +359,7 @@ def section_modules(run: RunFiles, show_real: bool, per_module: int, device: tor
     out = ["<section><h2>Modules</h2>"]
     present = {p.stem for p in run.module_paths}
     if run.partition is not None:
-        expected = expected_modules(run.partition)
+        expected = expected_modules(run.partition, run.config.generator.min_samples if run.config is not None else 1)
         lacking = [m for m in expected if m not in present]
         out.append(f"<p>{len(present)} of {len(expected)} modules the partition implies are in modules/.</p>")
         if lacking:

@@ -11,8 +11,10 @@ The algorithms differ only in a linear term added to the gradient and in the ser
 Aggregation weights p_k are n_k / n (`baselines.weighting=samples`, FedAvg's choice) or 1 / num_clients
 (`uniform`, the SCAFFOLD and FedDyn papers' choice); the server state of SCAFFOLD (c = sum_k p_k c_k) and FedDyn
 (h = sum_k p_k g_k) keeps the same weights, so each method minimises the same objective sum_k p_k L_k.
-BatchNorm: running means and variances travel with the weights and are averaged with the same weights as the
-parameters (num_batches_tracked is rounded); the SCAFFOLD and FedDyn corrections apply to parameters only.
+BatchNorm (`classifier.norm=batch`): running means and variances travel with the weights and are averaged with
+the same weights as the parameters (num_batches_tracked is rounded); the SCAFFOLD and FedDyn corrections apply to
+parameters only. `classifier.norm=group` swaps every BatchNorm for GroupNorm in every method alike, factory
+included: no statistics to average, the usual remedy for label skew (Hsieh et al. 2020).
 
 Every byte counted is the length of an actual payload: the tensors a party sends, serialized with safetensors.
 The server decodes what clients send and clients start from what they receive, so the count is what was used.
@@ -162,10 +164,11 @@ def client_tensors(data: ImageDataset, rows: np.ndarray, device: torch.device) -
             torch.from_numpy(data.labels[rows].astype(np.int64)).to(device))
 
 
-def initial_model(data: ImageDataset, width: int, root_seed: int, device: torch.device) -> nn.Module:
+def initial_model(data: ImageDataset, width: int, root_seed: int, device: torch.device,
+                  norm: str = "batch") -> nn.Module:
     """The classifier network every weight-sharing method starts from, seeded by ("baseline", "init")."""
     torch.manual_seed(derive_seed(root_seed, "baseline", "init"))
-    return build_classifier(data.images.shape[3], data.num_classes, width).to(device)
+    return build_classifier(data.images.shape[3], data.num_classes, width, norm=norm).to(device)
 
 
 def accuracy_on(model: nn.Module, data: ImageDataset, rows: np.ndarray, device: torch.device) -> float:
@@ -191,7 +194,7 @@ def train_federated(method: str, train: ImageDataset, parts: list[np.ndarray], t
     per_round = min(cfg.clients_per_round or num_clients, num_clients)
     all_val = np.concatenate(val_rows)
 
-    model = initial_model(train, clf.width, root_seed, device)
+    model = initial_model(train, clf.width, root_seed, device, clf.norm)
     param_names = [name for name, _ in model.named_parameters()]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -313,7 +316,7 @@ def train_local_only(train: ImageDataset, parts: list[np.ndarray], test: ImageDa
     """Each client runs the FL local trainer alone from the shared initial model for cfg.rounds rounds (no
     communication); every client's model is evaluated on the global test set. Headline = mean over clients."""
     train_rows, _ = validation_split(parts, cfg.val_fraction, root_seed)
-    model = initial_model(train, clf.width, root_seed, device)
+    model = initial_model(train, clf.width, root_seed, device, clf.norm)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     per_client = []
     for k, rows in enumerate(tqdm(train_rows, desc="local-only", unit="client", disable=not progress, leave=False)):

@@ -196,8 +196,9 @@ def markdown(doc: dict, cfg: Config) -> str:
         f"{doc['config_hash'][:12]}. Test accuracy of the final round (no model selection on the test set).",
         f"Weight-sharing baselines: {b.rounds} rounds, {work} of plain SGD per round (lr {b.lr}, batch "
         f"{b.batch_size}, momentum 0, no weight decay), {b.clients_per_round or d.num_clients} clients per round, "
-        f"aggregation weights {b.weighting}, FedProx mu {b.fedprox_mu}, FedDyn alpha {b.feddyn_alpha}; BatchNorm "
-        "statistics are averaged with the weights.",
+        f"aggregation weights {b.weighting}, FedProx mu {b.fedprox_mu}, FedDyn alpha {b.feddyn_alpha}; "
+        + ("BatchNorm statistics are averaged with the weights." if cfg.classifier.norm == "batch"
+           else "GroupNorm in every method (no statistics to average)."),
         "centralized: the factory's classifier recipe on the pooled real data. local-only: each client trains "
         "alone (the FL local trainer, no communication); the row is the mean over clients.",
         "Bytes are actual payload lengths (safetensors). factory-server: module files up, nothing down. "

@@ -135,7 +135,12 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
     """Every client trains its modules; each is written atomically to the registry directory."""
     for k, rows in enumerate(parts):
         client = train.subset(rows)
-        for c, n in held_classes(client).items():
+        held = held_classes(client, cfg.generator.min_samples)
+        few = {c: n for c, n in held_classes(client).items() if c not in held}
+        if few:
+            log.info("client %d: no module for %s (fewer than generator.min_samples=%d images)", k,
+                     ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
+        for c, n in held.items():
             path = out / "modules" / module_filename(module_id(k, c))
             if reusable_module(path, cfg, cfg.run.seed):
                 log.info("reusing %s (hash checked)", path.name)

@@ -260,7 +260,7 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
         trained, module_mismatches, module_difference = set(), [], None
         for k, rows in enumerate(parts):
             client = train.subset(rows)
-            for c in held_classes(client):
+            for c in held_classes(client, cfg.generator.min_samples):
                 tensors, manifest = train_client_module(client, k, c, cfg.generator, cfg.run.seed, device,
                                                         progress=cfg.run.progress)
                 full = save_module(tmp / "modules" / module_filename(manifest["module_id"]), tensors, manifest)

@@ -52,7 +52,7 @@ def train_modules(data: ImageDataset, client_id: int, cfg: Config, device: torch
                   skip: frozenset[str] = frozenset()) -> dict[str, bytes]:
     """Module id -> module file bytes, for every held class not in `skip`."""
     modules = {}
-    for c in held_classes(data):
+    for c in held_classes(data, cfg.generator.min_samples):
         mid = module_id(client_id, c)
         if mid in skip:
             continue

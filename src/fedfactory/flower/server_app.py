@@ -50,9 +50,10 @@ class Collected:
     rejected: list[dict] = field(default_factory=list)  # modules refused: node, client, module id and reason
 
 
-def expected_modules(train: ImageDataset, parts: list[np.ndarray]) -> dict[int, list[str]]:
-    """Client id -> ids of the modules it should send: one per class its partition holds."""
-    return {k: [module_id(k, c) for c in held_classes(train.subset(rows))] for k, rows in enumerate(parts)}
+def expected_modules(train: ImageDataset, parts: list[np.ndarray], min_samples: int = 1) -> dict[int, list[str]]:
+    """Client id -> ids of the modules it should send: one per class its partition holds min_samples of."""
+    return {k: [module_id(k, c) for c in held_classes(train.subset(rows), min_samples)]
+            for k, rows in enumerate(parts)}
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float, poll_s: float = 0.5) -> list[int]:
@@ -187,7 +188,7 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
         raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} runs only with `fedfactory run`; use server")
     # The data and the partition give partition.json, the modules to expect and the evaluation.
     out, device, timer, train, test, parts = start_run(cfg, kind="flower run")
-    expected = expected_modules(train, parts)
+    expected = expected_modules(train, parts, cfg.generator.min_samples)
     have = [mid for mids in expected.values() for mid in mids
             if reusable_module(out / "modules" / module_filename(mid), cfg, cfg.run.seed)]
     if have:
