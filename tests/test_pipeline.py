@@ -58,6 +58,9 @@ def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
     assert main(["run", "--config", "tiny", f"run.out={tmp_path}/x", "data.dataset=fashion-mnist",
                  f"data.root={tmp_path}/nowhere"]) == 2
     assert "fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # a run that cannot load its data writes nothing
+    assert main(["run", "--config", "tiny", f"run.out={tmp_path}/y", "data.classes_per_client=11"]) == 2
+    assert "classes_per_client" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def test_min_samples_trains_modules_only_for_cells_with_enough_images(tmp_path):

@@ -50,12 +50,11 @@ def has_results(out: Path) -> bool:
             or any((out / "modules").glob("*.safetensors")))
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create runs/<name>/ or reuse it when its config.toml equals this config; refuse a different one.
+def check_run_dir(cfg: Config) -> None:
+    """Refuse run.out if it holds results of a different config (or results with no readable config.toml).
 
     A directory with a different (or unreadable, or missing) config.toml is refused as soon as it holds results,
-    so two configs never mix; one without results (a run that failed before its first module) is taken over.
-    Temp files of writes cut short by a kill are deleted: one run per directory at a time.
+    so two configs never mix; one without results (a run that failed before its first module) may be taken over.
     """
     from fedfactory.config import ConfigError, load_config
 
@@ -71,6 +70,16 @@ def prepare_run_dir(cfg: Config) -> Path:
             raise RunDirError(f"{saved} is not a config this fedfactory reads ({e}); {fix}") from None
         if not same:
             raise RunDirError(f"{out} holds a run with a different config; {fix}")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create runs/<name>/ or reuse it when its config.toml equals this config (check_run_dir); write config.toml.
+
+    Temp files of writes cut short by a kill are deleted: one run per directory at a time.
+    """
+    check_run_dir(cfg)
+    out = Path(cfg.run.out)
+    saved = out / "config.toml"
     out.mkdir(parents=True, exist_ok=True)
     (out / "modules").mkdir(exist_ok=True)
     for folder in (out, *sorted(p for p in out.iterdir() if p.is_dir())):  # modules/, experts/, ...
@@ -380,16 +389,19 @@ def start_run(cfg: Config, kind: str = "run"):
 
     Shared by the in-process runner and the Flower server; returns (out, device, timer, train, test, parts).
     """
-    out = prepare_run_dir(cfg).resolve()
-    setup_logging(out)
+    # Every refusal (run directory, dataset files, partition) comes before the first write: a run that cannot
+    # start leaves no directory behind, and an existing one untouched.
+    check_run_dir(cfg)
     device = select_device(cfg.run.device, cfg.run.threads)
     timer = Timer()
-    log.info("%s %s on %s, config %s", kind, out, device, config_hash(cfg)[:12])
     t0 = time.perf_counter()
     train, test = load_data(cfg)
     parts = split_clients(cfg, train)
-    write_partition(cfg, train, parts, out)
     timer.add("data", time.perf_counter() - t0)
+    out = prepare_run_dir(cfg).resolve()
+    setup_logging(out)
+    log.info("%s %s on %s, config %s", kind, out, device, config_hash(cfg)[:12])
+    write_partition(cfg, train, parts, out)
     return out, device, timer, train, test, parts
 
 
