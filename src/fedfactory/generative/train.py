@@ -124,16 +124,21 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
                 "final_loss": float(loss.item())}
     if cfg.family == "aegmm":
         # Ex-post density estimation: fit the mixture to the EMA encoder's latents of every training image.
-        # One pass over the data gives the latents and the reconstructions both densities need.
+        # Reconstructions are decoded per chunk of 1000 when needed, never held for the whole class (a
+        # 10,000-image class of 3x128x128 would take 2 GB as float32).
         with torch.no_grad():
             z = torch.cat([ema.encoder(torch.from_numpy(to_float(images[i:i + 1000])))
                            for i in range(0, len(images), 1000)])
-            recon = torch.cat([ema.decoder(z[i:i + 1000]) for i in range(0, len(z), 1000)])
         mixture = fit_mixture(z, cfg.mixture_components, derive_seed(seed, "mixture"))
         tensors = {f"decoder.{k}": v.contiguous() for k, v in ema.decoder.state_dict().items()} | mixture
+
+        @torch.no_grad()
+        def reconstruct(start: int, stop: int) -> torch.Tensor:
+            return ema.decoder(z[start:stop])
+
         if cfg.residual_rank:
-            tensors |= fit_residual(images, recon, cfg.residual_rank)
-        training["blur_sigma"] = measure_blur(images, recon)
+            tensors |= fit_residual(images, reconstruct, cfg.residual_rank, derive_seed(seed, "residual"))
+        training["blur_sigma"] = measure_blur(images, reconstruct(0, min(len(images), 1000)))
         training["mixture_size"] = int(mixture["mixture.means"].shape[0])
         diffusion = {}
     else:
@@ -160,21 +165,53 @@ def measure_blur(images: np.ndarray, recon: torch.Tensor, max_images: int = 500)
     return BLUR_GRID[int(np.argmin(errors))]
 
 
+EXACT_RESIDUAL_BYTES = 256 << 20  # above this, the residual matrix is never materialised
+
+
 @torch.no_grad()
-def fit_residual(images: np.ndarray, recon: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+def fit_residual(images: np.ndarray, reconstruct, rank: int, seed: int, chunk: int = 1000,
+                 exact_bytes: int = EXACT_RESIDUAL_BYTES, power_iterations: int = 3) -> dict[str, torch.Tensor]:
     """Gaussian model of what the decoder misses: mean and top principal directions of x - D(E(x)).
 
     A deterministic decoder regresses to the mean and blurs fine texture; adding back residual noise drawn
     from this low-rank Gaussian (probabilistic PCA without isotropic noise) restores some of it.
-    recon: the decoder's reconstructions of images, (N, C, H, W).
+    reconstruct(start, stop): the decoder's reconstructions of images[start:stop], (b, C, H, W) float32.
+
+    A class whose residual matrix (N x pixels, float64) fits in exact_bytes gets an exact SVD. A larger one
+    (an ISIC-size class: 10,000 x 3x128x128 would need 3.9 GB) gets a randomized SVD (Halko, Martinsson and
+    Tropp 2011, Alg. 4.4 with power iterations) that streams chunks of rows, so memory stays at
+    O((N + pixels) x (rank + 10)); its test subspace is drawn from `seed`, so the fit stays deterministic.
     """
+    n = len(images)
     shape = (images.shape[3], images.shape[1], images.shape[2])
-    r = (torch.from_numpy(to_float(images)) - recon).flatten(1).double()
-    mean = r.mean(0)
-    _, s, vh = torch.linalg.svd(r - mean, full_matrices=False)
+    dim = math.prod(shape)
+    starts = range(0, n, chunk)
+
+    def rows(start: int) -> torch.Tensor:
+        stop = min(start + chunk, n)
+        return (torch.from_numpy(to_float(images[start:stop])) - reconstruct(start, stop)).flatten(1).double()
+
+    if n * dim * 8 <= exact_bytes:
+        r = torch.cat([rows(i) for i in starts])
+        mean = r.mean(0)
+        _, s, vh = torch.linalg.svd(r - mean, full_matrices=False)
+    else:
+        mean = sum(rows(i).sum(0) for i in starts) / n
+
+        def times(q: torch.Tensor) -> torch.Tensor:  # (R - mean) @ q, (N, l)
+            return torch.cat([rows(i) @ q for i in starts]) - mean @ q
+
+        def transpose_times(q: torch.Tensor) -> torch.Tensor:  # (R - mean)^T @ q, (dim, l)
+            return sum(rows(i).T @ q[i:i + chunk] for i in starts) - torch.outer(mean, q.sum(0))
+
+        gen = torch.Generator().manual_seed(seed % 2**63)
+        q = torch.linalg.qr(times(torch.randn(dim, rank + 10, generator=gen, dtype=torch.float64))).Q
+        for _ in range(power_iterations):
+            q = torch.linalg.qr(times(torch.linalg.qr(transpose_times(q)).Q)).Q
+        _, s, vh = torch.linalg.svd(transpose_times(q).T, full_matrices=False)  # Q^T (R - mean) = U S V^T
     k = min(rank, vh.shape[0])
-    basis = torch.zeros(rank, r.shape[1], dtype=torch.float64)
-    basis[:k] = vh[:k] * (s[:k, None] / math.sqrt(max(len(r) - 1, 1)))
+    basis = torch.zeros(rank, dim, dtype=torch.float64)
+    basis[:k] = vh[:k] * (s[:k, None] / math.sqrt(max(n - 1, 1)))
     return {"residual.mean": mean.float().reshape(shape).contiguous(),
             "residual.basis": basis.float().reshape(rank, *shape).contiguous()}
 
