@@ -144,8 +144,9 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
     """Every client trains its modules; each is written atomically to the registry directory."""
     for k, rows in enumerate(parts):
         client = train.subset(rows)
-        held = held_classes(client, cfg.generator.min_samples)
-        few = {c: n for c, n in held_classes(client).items() if c not in held}
+        counts = held_classes(client)
+        held = {c: n for c, n in counts.items() if n >= cfg.generator.min_samples}
+        few = {c: n for c, n in counts.items() if c not in held}
         if few:
             log.info("client %d: no module for %s (fewer than generator.min_samples=%d images)", k,
                      ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
