@@ -5,9 +5,10 @@ import torch
 from fedfactory.config import GeneratorConfig
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import allocate, module_spec, plan_synthesis
+from fedfactory.generative.aegmm import fit_residual
 from fedfactory.generative.artifact import load_module, module_id, save_module
 from fedfactory.generative.edm import EDMParams, denoise, edm_loss, heun_sample, sigma_steps
-from fedfactory.generative.train import expected_tensors, fit_residual, sample_module, train_module
+from fedfactory.generative.train import expected_tensors, sample_module, train_module
 from fedfactory.generative.unet import UNet
 
 CPU = torch.device("cpu")
@@ -62,7 +63,7 @@ def test_loss_falls_and_training_is_deterministic(sevens, family):
     # The loss after training is below the loss of the untrained network on the same data.
     x = torch.from_numpy(sevens[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
     if family == "aegmm":
-        from fedfactory.generative.autoencoder import AutoEncoder
+        from fedfactory.generative.aegmm import AutoEncoder
 
         torch.manual_seed(1)
         fresh = AutoEncoder((1, 8, 8), 8, 8)
@@ -129,3 +130,19 @@ def test_streamed_residual_fit_matches_the_exact_svd():
     # Another test-subspace seed gives the same fit; the streamed path never saw more than 64 rows at once.
     again = fit_residual(images, reconstruct, 4, seed=4, chunk=64, exact_bytes=0)["residual.basis"].flatten(1)
     assert torch.linalg.norm(again.double().T @ again.double() - cov[1]) < 1e-4 * torch.linalg.norm(cov[0])
+
+
+def test_adversarial_autoencoder_is_deterministic_and_ships_no_critic(sevens):
+    """The critic changes the decoder (so it is really trained) but never reaches the module's tensors."""
+    base = GeneratorConfig(steps=40, batch_size=16, channels=8, latent_dim=8, mixture_components=2)
+    adv = GeneratorConfig(steps=40, batch_size=16, channels=8, latent_dim=8, mixture_components=2,
+                          adversarial=0.5, adversarial_start=0.25)
+    plain, _ = train_module(sevens, base, seed=3, device=CPU, progress=False)
+    t1, f1 = train_module(sevens, adv, seed=3, device=CPU, progress=False)
+    t2, _ = train_module(sevens, adv, seed=3, device=CPU, progress=False)
+    assert t1.keys() == plain.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert not torch.equal(t1["decoder.0.weight"], plain["decoder.0.weight"])
+    assert f1["training"]["adversarial"] == 0.5 and f1["training"]["adversarial_start"] == 0.25
+    # The spec the server checks is the plain decoder's: an adversarial module loads like any other.
+    manifest = {**f1, "module_id": module_id(7, 7)}
+    assert expected_tensors(manifest) == {k: (tuple(v.shape), "float32") for k, v in t1.items()}

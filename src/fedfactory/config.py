@@ -45,6 +45,8 @@ class GeneratorConfig:
     mixture_components: int = 20  # aegmm: Gaussian mixture components
     residual_rank: int = 0  # aegmm: principal components of the reconstruction residual added back as noise
     sampler_steps: int = 18  # edm: Heun steps
+    adversarial: float = 0.0  # aegmm: weight of the patch critic's loss on decoded images (0 = plain autoencoder)
+    adversarial_start: float = 0.25  # aegmm: fraction of the steps trained on reconstruction alone first
     # A client trains a module for a class only if it holds at least this many images of it: a module fitted
     # to a handful of images can only replay them (memorisation, a privacy leak) and a mixture cannot be fitted
     # to them. The class is left to its other holders; a class nobody holds enough of gets no synthetic data.
@@ -169,6 +171,10 @@ def _validate(cfg: Config) -> Config:
     for section in ("generator", "classifier"):
         if getattr(cfg, section).lr <= 0:
             raise ConfigError(f"{section}.lr={getattr(cfg, section).lr}: the learning rate must be > 0")
+    if cfg.generator.adversarial < 0:
+        raise ConfigError(f"generator.adversarial={cfg.generator.adversarial}: must be >= 0 (0 turns it off)")
+    if not 0 <= cfg.generator.adversarial_start <= 1:
+        raise ConfigError(f"generator.adversarial_start={cfg.generator.adversarial_start}: must lie in [0, 1]")
     if cfg.data.alpha <= 0:
         raise ConfigError(f"data.alpha={cfg.data.alpha}: the Dirichlet concentration must be > 0")
     if cfg.data.image_size and not 4 <= cfg.data.image_size <= 1024:

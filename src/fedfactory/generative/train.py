@@ -1,8 +1,9 @@
 """Train one generative module on the images of one (client, class) and sample from it.
 
-Two families share this file's loop shape:
-- "aegmm": autoencoder + Gaussian mixture on its latents (autoencoder.py); the module ships only the decoder
-  and the mixture, never the encoder.
+This file owns the loop and the one dispatch on the family; each family's networks, losses and sampling
+live in their own file:
+- "aegmm": autoencoder + Gaussian mixture on its latents (aegmm.py); the module ships only the decoder
+  and the densities, never the encoder or the critic.
 - "edm": pixel-space EDM diffusion with a small U-Net (unet.py, edm.py), EMA weights, Heun sampling.
 """
 
@@ -15,7 +16,15 @@ from tqdm import tqdm
 
 from fedfactory.config import GeneratorConfig
 from fedfactory.data.datasets import to_float, to_uint8
-from fedfactory.generative.autoencoder import AutoEncoder, fit_mixture, sample_latents
+from fedfactory.generative.aegmm import (
+    BLUR_GRID,
+    AutoEncoder,
+    PatchDiscriminator,
+    autoencoder_loss,
+    decode_samples,
+    discriminator_loss,
+    fit_densities,
+)
 from fedfactory.generative.edm import EDMParams, edm_loss, heun_sample
 from fedfactory.generative.unet import UNet
 from fedfactory.seeding import derive_seed, torch_generator
@@ -94,6 +103,10 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The critic of the adversarial term (aegmm only): trained here, never shipped.
+    disc = PatchDiscriminator(image_shape[0], 2 * cfg.channels).to(device) if adversarial(cfg) else None
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.99)) if disc is not None else None
+    adversarial_from = int(cfg.steps * cfg.adversarial_start)
     params = EDMParams()
     data = torch.from_numpy(images)  # stays uint8; batches are scaled on the fly
     use_amp = device.type == "cuda"
@@ -103,43 +116,41 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         # Draw a batch (with replacement, so tiny classes still give full batches).
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         x = torch.from_numpy(to_float(data[idx].numpy())).to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr)
-        # Loss: L1 reconstruction for the autoencoder (sharper than L2), Eq. 8 of EDM for diffusion.
+        lr = lr_at(step, cfg.steps, cfg.lr)
+        for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
+            group["lr"] = lr
+        # Loss: L1 reconstruction (+ the adversarial term once the autoencoder has a shape to refine) for the
+        # autoencoder, Eq. 8 of EDM for diffusion.
+        critic = disc if disc is not None and step >= adversarial_from else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             if cfg.family == "aegmm":
-                loss = (model(x) - x).abs().mean()
+                loss, fakes = autoencoder_loss(model, x, critic, cfg.adversarial, gen)
             else:
                 loss = edm_loss(model, x, params, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         update_ema(ema, model, step)
+        if critic is not None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                disc_loss = discriminator_loss(critic, x, fakes)
+            disc_opt.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            disc_opt.step()
         if progress and step % 50 == 0:
             img_s = (step + 1) * cfg.batch_size / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
     bar.close()
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"{desc}: the training loss is {loss.item()}; lower generator.lr")
     ema = ema.cpu().eval()
     training = {"steps": cfg.steps, "seed": seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
                 "final_loss": float(loss.item())}
     if cfg.family == "aegmm":
-        # Ex-post density estimation: fit the mixture to the EMA encoder's latents of every training image.
-        # Reconstructions are decoded per chunk of 1000 when needed, never held for the whole class (a
-        # 10,000-image class of 3x128x128 would take 2 GB as float32).
-        with torch.no_grad():
-            z = torch.cat([ema.encoder(torch.from_numpy(to_float(images[i:i + 1000])))
-                           for i in range(0, len(images), 1000)])
-        mixture = fit_mixture(z, cfg.mixture_components, derive_seed(seed, "mixture"))
-        tensors = {f"decoder.{k}": v.contiguous() for k, v in ema.decoder.state_dict().items()} | mixture
-
-        @torch.no_grad()
-        def reconstruct(start: int, stop: int) -> torch.Tensor:
-            return ema.decoder(z[start:stop])
-
-        if cfg.residual_rank:
-            tensors |= fit_residual(images, reconstruct, cfg.residual_rank, derive_seed(seed, "residual"))
-        training["blur_sigma"] = measure_blur(images, reconstruct(0, min(len(images), 1000)))
-        training["mixture_size"] = int(mixture["mixture.means"].shape[0])
+        tensors, fields = fit_densities(ema, images, cfg.mixture_components, cfg.residual_rank, seed)
+        training |= fields
+        if adversarial(cfg):
+            training |= {"adversarial": cfg.adversarial, "adversarial_start": cfg.adversarial_start}
         diffusion = {}
     else:
         tensors = {k: v.contiguous() for k, v in ema.state_dict().items()}
@@ -148,72 +159,9 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
                      "diffusion": diffusion, "training": training}
 
 
-BLUR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # pixels
-
-
-@torch.no_grad()
-def measure_blur(images: np.ndarray, recon: torch.Tensor, max_images: int = 500) -> float:
-    """The Gaussian blur (sigma in pixels, from BLUR_GRID) that best maps real images to their reconstructions.
-
-    Measured by the client on its own data and sent in the manifest, so the server can match the
-    classifier's input sharpness to the generator's without seeing any real image.
-    """
-    from fedfactory.classifier import GaussianBlur
-
-    x = torch.from_numpy(to_float(images[:max_images]))
-    errors = [((GaussianBlur(x.shape[1], s)(x) - recon[:max_images]) ** 2).mean().item() for s in BLUR_GRID]
-    return BLUR_GRID[int(np.argmin(errors))]
-
-
-EXACT_RESIDUAL_BYTES = 256 << 20  # above this, the residual matrix is never materialised
-
-
-@torch.no_grad()
-def fit_residual(images: np.ndarray, reconstruct, rank: int, seed: int, chunk: int = 1000,
-                 exact_bytes: int = EXACT_RESIDUAL_BYTES, power_iterations: int = 3) -> dict[str, torch.Tensor]:
-    """Gaussian model of what the decoder misses: mean and top principal directions of x - D(E(x)).
-
-    A deterministic decoder regresses to the mean and blurs fine texture; adding back residual noise drawn
-    from this low-rank Gaussian (probabilistic PCA without isotropic noise) restores some of it.
-    reconstruct(start, stop): the decoder's reconstructions of images[start:stop], (b, C, H, W) float32.
-
-    A class whose residual matrix (N x pixels, float64) fits in exact_bytes gets an exact SVD. A larger one
-    (an ISIC-size class: 10,000 x 3x128x128 would need 3.9 GB) gets a randomized SVD (Halko, Martinsson and
-    Tropp 2011, Alg. 4.4 with power iterations) that streams chunks of rows, so memory stays at
-    O((N + pixels) x (rank + 10)); its test subspace is drawn from `seed`, so the fit stays deterministic.
-    """
-    n = len(images)
-    shape = (images.shape[3], images.shape[1], images.shape[2])
-    dim = math.prod(shape)
-    starts = range(0, n, chunk)
-
-    def rows(start: int) -> torch.Tensor:
-        stop = min(start + chunk, n)
-        return (torch.from_numpy(to_float(images[start:stop])) - reconstruct(start, stop)).flatten(1).double()
-
-    if n * dim * 8 <= exact_bytes:
-        r = torch.cat([rows(i) for i in starts])
-        mean = r.mean(0)
-        _, s, vh = torch.linalg.svd(r - mean, full_matrices=False)
-    else:
-        mean = sum(rows(i).sum(0) for i in starts) / n
-
-        def times(q: torch.Tensor) -> torch.Tensor:  # (R - mean) @ q, (N, l)
-            return torch.cat([rows(i) @ q for i in starts]) - mean @ q
-
-        def transpose_times(q: torch.Tensor) -> torch.Tensor:  # (R - mean)^T @ q, (dim, l)
-            return sum(rows(i).T @ q[i:i + chunk] for i in starts) - torch.outer(mean, q.sum(0))
-
-        gen = torch.Generator().manual_seed(seed % 2**63)
-        q = torch.linalg.qr(times(torch.randn(dim, rank + 10, generator=gen, dtype=torch.float64))).Q
-        for _ in range(power_iterations):
-            q = torch.linalg.qr(times(torch.linalg.qr(transpose_times(q)).Q)).Q
-        _, s, vh = torch.linalg.svd(transpose_times(q).T, full_matrices=False)  # Q^T (R - mean) = U S V^T
-    k = min(rank, vh.shape[0])
-    basis = torch.zeros(rank, dim, dtype=torch.float64)
-    basis[:k] = vh[:k] * (s[:k, None] / math.sqrt(max(n - 1, 1)))
-    return {"residual.mean": mean.float().reshape(shape).contiguous(),
-            "residual.basis": basis.float().reshape(rank, *shape).contiguous()}
+def adversarial(cfg: GeneratorConfig) -> bool:
+    """Whether this config trains an autoencoder with the adversarial term."""
+    return cfg.family == "aegmm" and cfg.adversarial > 0 and cfg.adversarial_start < 1
 
 
 def image_noise(root_seed: int, module: str, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -232,19 +180,11 @@ def sample_module(tensors: dict[str, torch.Tensor], manifest: dict, indices: ran
         model = build_network(family, shape, net_cfg)
         model.decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
         decoder = model.decoder.to(device).eval()
-        mixture = {k: v.double() for k, v in tensors.items() if k.startswith("mixture.")}
         d, r = net_cfg["latent_dim"], net_cfg.get("residual_rank", 0)
         for start in range(indices.start, indices.stop, batch_size):
             idx = range(start, min(start + batch_size, indices.stop))
             noise = torch.stack([image_noise(root_seed, mid, i, (d + 1 + r,)) for i in idx]).double()
-            # Coordinates: d for the latent, one picking the component through the normal CDF, r for the residual.
-            uniform = 0.5 * (1 + torch.erf(noise[:, d] / math.sqrt(2)))
-            z = sample_latents(mixture, noise[:, :d], uniform).float().to(device)
-            x = decoder(z).cpu()
-            if r:
-                basis = tensors["residual.basis"].flatten(1)  # (r, C*H*W)
-                x = x + tensors["residual.mean"] + (noise[:, d + 1:].float() @ basis).reshape(x.shape)
-            out.append(to_uint8(x.clamp(-1, 1).numpy()))
+            out.append(decode_samples(decoder, tensors, noise, d, r))
     elif family == "edm":
         net = build_network(family, shape, net_cfg)
         net.load_state_dict(tensors)

@@ -1,0 +1,125 @@
+"""Quality sweep on a validation split: which generator and classifier recipe make the best synthetic data.
+
+Protocol (../shared/QUALITY-PROBES.md): Fashion-MNIST training set; validation = 1,000 images per class
+(a permutation of each class's rows drawn with numpy.random.default_rng(123), first 1,000), given to no
+client. Silos: client c trains one module on the other 5,000 images of class c. The classifier is scored on
+the validation images; the test set is never read here.
+
+Each variant is a set of GeneratorConfig overrides; its modules are trained through the package's own
+`train_module`, cached under --out, and scored with every classifier recipe asked for.
+
+  python benchmarks/quality.py --variant preset500 --set steps=500 --blur 0.8,1.5
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fedfactory.classifier import predict_proba, train_classifier  # noqa: E402
+from fedfactory.config import ClassifierConfig, GeneratorConfig, load_config  # noqa: E402
+from fedfactory.data.datasets import load_dataset  # noqa: E402
+from fedfactory.federation.factory import synthesize  # noqa: E402
+from fedfactory.generative.artifact import module_id, module_to_bytes  # noqa: E402
+from fedfactory.generative.train import train_module  # noqa: E402
+from fedfactory.metrics import evaluate  # noqa: E402
+from fedfactory.seeding import derive_seed  # noqa: E402
+
+
+def validation_split(labels: np.ndarray, per_class: int = 1000, seed: int = 123) -> tuple[np.ndarray, np.ndarray]:
+    """(client rows, validation rows): per_class rows of every class held out, as in QUALITY-PROBES.md."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in range(int(labels.max()) + 1):
+        rows = np.flatnonzero(labels == c)
+        val.append(rows[rng.permutation(len(rows))[:per_class]])
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text, text)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", required=True, help="name of the module set (cache key)")
+    p.add_argument("--config", default="fashion-mnist")
+    p.add_argument("--set", nargs="*", default=[], help="generator overrides key=value")
+    p.add_argument("--blur", default="", help="classifier input blur sigmas (default: the clients' mean)")
+    p.add_argument("--samples", type=int, default=3000, help="synthetic images per class")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--classes", default="", help="only these classes (module timing only)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
+    p.add_argument("--out", default="benchmarks/runs/quality")
+    p.add_argument("--results", default="benchmarks/results/quality-sweep.jsonl")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    cfg = load_config(args.config)
+    gcfg = replace(cfg.generator, **{k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
+    train, _ = load_dataset("fashion-mnist", None, 0)
+    fit_rows, val_rows = validation_split(train.labels)
+    fit, val = train.subset(fit_rows), train.subset(val_rows)
+
+    out = Path(args.out) / args.variant
+    out.mkdir(parents=True, exist_ok=True)
+    modules, train_s, sizes, blurs = [], [], [], []
+    for c in range(train.num_classes):
+        path = out / f"class-{c}.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=False)
+        else:
+            images = fit.images[fit.labels == c]
+            t0 = time.perf_counter()
+            tensors, fields = train_module(images, gcfg, derive_seed(0, "train", c, c), device,
+                                           desc=f"class {c}", progress=False)
+            seconds = time.perf_counter() - t0
+            manifest = {"module_id": module_id(c, c), "client_id": c, "class_id": c,
+                        "class_name": train.class_names[c], "num_samples": int(len(images))} | fields
+            payload, manifest = module_to_bytes(tensors, manifest)
+            saved = {"manifest": manifest, "tensors": tensors, "seconds": seconds, "bytes": len(payload)}
+            torch.save(saved, path)
+            print(f"class {c}: {seconds:.1f}s {len(payload)} bytes blur {fields['training'].get('blur_sigma')}",
+                  flush=True)
+        modules.append((saved["manifest"], saved["tensors"]))
+        train_s.append(saved["seconds"])
+        sizes.append(saved["bytes"])
+        blurs.append(saved["manifest"]["training"].get("blur_sigma", 0.0))
+    if args.classes:
+        return
+    t0 = time.perf_counter()
+    images, labels, _ = synthesize(modules, train.num_classes, args.samples, 0, device, progress=False)
+    sample_s = time.perf_counter() - t0
+    ccfg = replace(cfg.classifier, epochs=args.epochs)
+    sigmas = [float(s) for s in args.blur.split(",")] if args.blur else [float(np.mean(blurs))]
+    for sigma in sigmas:
+        t0 = time.perf_counter()
+        model = train_classifier(images, labels, train.num_classes, ccfg, 1, device,
+                                 progress=False, input_blur=sigma)
+        m = evaluate(predict_proba(model, val.images, device), val.labels, val.class_names)
+        row = {"variant": args.variant, "generator": {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)},
+               "blur": sigma, "clients_blur": blurs, "samples_per_class": args.samples, "epochs": args.epochs,
+               "val_accuracy": round(m["accuracy"], 4),
+               "per_class": [round(a, 3) for a in m["per_class_accuracy"].values()],
+               "train_s_per_module": round(float(np.mean(train_s)), 1), "bytes_per_module": int(np.mean(sizes)),
+               "sample_s": round(sample_s, 1), "classifier_s": round(time.perf_counter() - t0, 1),
+               "command": " ".join(["python", *sys.argv])}
+        print(json.dumps(row), flush=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
