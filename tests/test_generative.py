@@ -146,3 +146,16 @@ def test_adversarial_autoencoder_is_deterministic_and_ships_no_critic(sevens):
     # The spec the server checks is the plain decoder's: an adversarial module loads like any other.
     manifest = {**f1, "module_id": module_id(7, 7)}
     assert expected_tensors(manifest) == {k: (tuple(v.shape), "float32") for k, v in t1.items()}
+
+
+def test_compute_follows_data(sevens):
+    """With steps_per_image, a module's steps grow with its images between the floor and generator.steps."""
+    from fedfactory.generative.train import MIN_STEPS, planned_steps
+
+    cfg = GeneratorConfig(steps=1000, steps_per_image=0.2)
+    assert [planned_steps(cfg, n) for n in (1, 15, 2500, 4000, 60000)] == [MIN_STEPS, MIN_STEPS, 500, 800, 1000]
+    assert planned_steps(GeneratorConfig(steps=1000), 15) == 1000
+    small = GeneratorConfig(steps=300, steps_per_image=0.5, batch_size=8, channels=4, latent_dim=4,
+                            mixture_components=2)
+    _, fields = train_module(sevens[:10], small, seed=0, device=CPU, progress=False)
+    assert fields["training"]["steps"] == MIN_STEPS

@@ -37,7 +37,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class GeneratorConfig:
     family: str = "aegmm"  # aegmm (autoencoder + Gaussian mixture) | edm (pixel diffusion)
-    steps: int = 3000  # optimizer steps per module
+    steps: int = 3000  # optimizer steps per module (the most, with steps_per_image)
+    steps_per_image: float = 0.0  # > 0: a module of n images trains min(steps, max(200, n * this)) steps
     batch_size: int = 64
     lr: float = 2e-3
     channels: int = 32  # base width of the network
@@ -171,6 +172,9 @@ def _validate(cfg: Config) -> Config:
     for section in ("generator", "classifier"):
         if getattr(cfg, section).lr <= 0:
             raise ConfigError(f"{section}.lr={getattr(cfg, section).lr}: the learning rate must be > 0")
+    if cfg.generator.steps_per_image < 0:
+        raise ConfigError(f"generator.steps_per_image={cfg.generator.steps_per_image}: must be >= 0 "
+                          "(0 trains every module generator.steps)")
     if cfg.generator.adversarial < 0:
         raise ConfigError(f"generator.adversarial={cfg.generator.adversarial}: must be >= 0 (0 turns it off)")
     if not 0 <= cfg.generator.adversarial_start <= 1:

@@ -74,6 +74,30 @@ def expected_tensors(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), "float32") for k, v in model.state_dict().items()}
 
 
+MIN_STEPS = 200  # the floor of a data-proportional budget: past the 100-step warm-up, enough to fit a tiny class
+
+
+def planned_steps(cfg: GeneratorConfig, num_images: int) -> int:
+    """Optimizer steps for a module of num_images images.
+
+    generator.steps for every module, or, with generator.steps_per_image > 0, a budget that follows the data
+    (at least MIN_STEPS, at most generator.steps): a 15-image cell then costs a fraction of a 6,000-image one,
+    and any split of the same dataset trains in about the same total time.
+    """
+    if cfg.steps_per_image <= 0:
+        return cfg.steps
+    return min(cfg.steps, max(MIN_STEPS, math.ceil(num_images * cfg.steps_per_image)))
+
+
+def requested_training(cfg: GeneratorConfig, num_images: int, seed: int) -> dict:
+    """The manifest's training fields that a config and a class size fix: a module whose manifest disagrees
+    with these was not trained as asked."""
+    fields = {"steps": planned_steps(cfg, num_images), "seed": seed, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    if adversarial(cfg):
+        fields |= {"adversarial": cfg.adversarial, "adversarial_start": cfg.adversarial_start}
+    return fields
+
+
 def lr_at(step: int, steps: int, base: float, warmup: int = 100) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -98,6 +122,8 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     net_cfg = network_config(cfg, image_shape)
     gen = torch_generator(seed)
     torch.manual_seed(derive_seed(seed, "init"))  # parameter init is the only use of the global generator
+    training = requested_training(cfg, len(images), seed)
+    steps = training["steps"]
     model = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema.load_state_dict(model.state_dict())
@@ -106,17 +132,17 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     # The critic of the adversarial term (aegmm only): trained here, never shipped.
     disc = PatchDiscriminator(image_shape[0], 2 * cfg.channels).to(device) if adversarial(cfg) else None
     disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.99)) if disc is not None else None
-    adversarial_from = int(cfg.steps * cfg.adversarial_start)
+    adversarial_from = int(steps * cfg.adversarial_start)
     params = EDMParams()
     data = torch.from_numpy(images)  # stays uint8; batches are scaled on the fly
     use_amp = device.type == "cuda"
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
         # Draw a batch (with replacement, so tiny classes still give full batches).
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         x = torch.from_numpy(to_float(data[idx].numpy())).to(device)
-        lr = lr_at(step, cfg.steps, cfg.lr)
+        lr = lr_at(step, steps, cfg.lr)
         for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
             group["lr"] = lr
         # Loss: L1 reconstruction (+ the adversarial term once the autoencoder has a shape to refine) for the
@@ -144,13 +170,10 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"{desc}: the training loss is {loss.item()}; lower generator.lr")
     ema = ema.cpu().eval()
-    training = {"steps": cfg.steps, "seed": seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                "final_loss": float(loss.item())}
+    training["final_loss"] = float(loss.item())
     if cfg.family == "aegmm":
         tensors, fields = fit_densities(ema, images, cfg.mixture_components, cfg.residual_rank, seed)
         training |= fields
-        if adversarial(cfg):
-            training |= {"adversarial": cfg.adversarial, "adversarial_start": cfg.adversarial_start}
         diffusion = {}
     else:
         tensors = {k: v.contiguous() for k, v in ema.state_dict().items()}
