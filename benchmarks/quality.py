@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedfactory.classifier import predict_proba, train_classifier  # noqa: E402
-from fedfactory.config import ClassifierConfig, GeneratorConfig, load_config  # noqa: E402
+from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
 from fedfactory.federation.factory import synthesize  # noqa: E402
 from fedfactory.generative.artifact import module_id, module_to_bytes  # noqa: E402
@@ -57,6 +57,8 @@ def main():
     p.add_argument("--variant", required=True, help="name of the module set (cache key)")
     p.add_argument("--config", default="fashion-mnist")
     p.add_argument("--set", nargs="*", default=[], help="generator overrides key=value")
+    p.add_argument("--cls", nargs="*", default=[], help="classifier overrides key=value")
+    p.add_argument("--tag", default="", help="name of the classifier recipe in the results")
     p.add_argument("--blur", default="", help="classifier input blur sigmas (default: the clients' mean)")
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per class")
     p.add_argument("--epochs", type=int, default=5)
@@ -68,7 +70,8 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     cfg = load_config(args.config)
-    gcfg = replace(cfg.generator, **{k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
+    overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    gcfg = replace(cfg.generator, **overrides)
     train, _ = load_dataset("fashion-mnist", None, 0)
     fit_rows, val_rows = validation_split(train.labels)
     fit, val = train.subset(fit_rows), train.subset(val_rows)
@@ -102,14 +105,15 @@ def main():
     t0 = time.perf_counter()
     images, labels, _ = synthesize(modules, train.num_classes, args.samples, 0, device, progress=False)
     sample_s = time.perf_counter() - t0
-    ccfg = replace(cfg.classifier, epochs=args.epochs)
+    cls = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.cls)}
+    ccfg = replace(cfg.classifier, epochs=args.epochs, **cls)
     sigmas = [float(s) for s in args.blur.split(",")] if args.blur else [float(np.mean(blurs))]
     for sigma in sigmas:
         t0 = time.perf_counter()
         model = train_classifier(images, labels, train.num_classes, ccfg, 1, device,
                                  progress=False, input_blur=sigma)
         m = evaluate(predict_proba(model, val.images, device), val.labels, val.class_names)
-        row = {"variant": args.variant, "generator": {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)},
+        row = {"variant": args.variant, "generator": overrides, "classifier": cls, "tag": args.tag,
                "blur": sigma, "clients_blur": blurs, "samples_per_class": args.samples, "epochs": args.epochs,
                "val_accuracy": round(m["accuracy"], 4),
                "per_class": [round(a, 3) for a in m["per_class_accuracy"].values()],

@@ -32,7 +32,8 @@ ALL_KEYS = ", ".join(valid_keys())
     # Choices: the message lists the valid values.
     ("data.partition=random", "data.partition='random': valid values are iid, pathological, dirichlet, natural"),
     ("generator.family=gan", "generator.family='gan': valid values are aegmm, edm"),
-    ("classifier.augment=rotate", "classifier.augment='rotate': valid values are none, flip, crop, crop+flip"),
+    ("classifier.augment=rotate", "classifier.augment='rotate': valid values are none or any of flip, crop, blur, "
+     "noise joined by '+' (e.g. crop+flip)"),
     ("run.device=tpu", "run.device='tpu': valid values are auto, cpu, cuda"),
     ("classifier.norm=layer", "classifier.norm='layer': valid values are batch, group"),
     ("generator.min_samples=0", "generator.min_samples=0: must be >= 1"),

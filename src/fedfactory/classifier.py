@@ -63,19 +63,45 @@ def build_classifier(image_channels: int, num_classes: int, width: int = 32, inp
     )
 
 
+def random_blur(x: torch.Tensor, gen: torch.Generator, max_sigma: float = 1.5, radius: int = 2) -> torch.Tensor:
+    """Blur each image with its own Gaussian, sigma uniform in [0, max_sigma] pixels (replicate padding)."""
+    b, c, h, w = x.shape
+    sigma = torch.rand(b, generator=gen) * max_sigma
+    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None].clamp(min=1e-3) ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0).to(x.device)  # (b*c, 2r+1): one kernel per image
+    # Every (image, channel) plane becomes a group of a grouped convolution, so each gets its own kernel.
+    y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, 0, 0), mode="replicate")
+    y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
 def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and/or random 2-pixel translations (zero padding), drawn from gen."""
+    """Apply the augmentations named in kind ("crop+flip", ...) to a float batch in [-1, 1], drawn from gen.
+
+    flip: random horizontal flips; crop: random 2-pixel translations (zero padding); blur: a random Gaussian
+    blur per image; noise: Gaussian pixel noise of a random strength per image. The last two teach a
+    classifier trained on smooth synthetic images to ignore the high frequencies that separate them from
+    real ones (the texture gap of ../QUALITY-PROBES.md) instead of reading them as evidence.
+    """
     b = x.shape[0]
-    if "flip" in kind:
+    parts = kind.split("+")
+    if "flip" in parts:
         flip = torch.rand(b, generator=gen) < 0.5
         x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
-    if "crop" in kind:
+    if "crop" in parts:
         pad = 2
         h, w = x.shape[-2:]
         padded = F.pad(x, (pad, pad, pad, pad), value=-1.0)
         dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).tolist()
         dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).tolist()
         x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    if "blur" in parts:
+        x = random_blur(x, gen)
+    if "noise" in parts:
+        std = torch.rand(b, 1, 1, 1, generator=gen) * 0.2
+        x = x + std.to(x.device) * torch.randn(x.shape, generator=gen).to(x.device)
     return x
 
 

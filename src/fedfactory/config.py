@@ -69,7 +69,7 @@ class ClassifierConfig:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
-    augment: str = "none"  # none | flip | crop | crop+flip
+    augment: str = "none"  # none, or any of flip, crop, blur, noise joined by "+" (AUGMENTATIONS)
     # batch | group. BatchNorm fails under label skew (Hsieh et al. 2020, "The Non-IID Data Quagmire"): a
     # one-class client's batch statistics are not the federation's. GroupNorm has no statistics to average.
     norm: str = "batch"
@@ -113,10 +113,10 @@ CHOICES = {
     ("data", "partition"): ("iid", "pathological", "dirichlet", "natural"),
     ("generator", "family"): ("aegmm", "edm"),
     ("classifier", "mode"): ("server", "local"),
-    ("classifier", "augment"): ("none", "flip", "crop", "crop+flip"),
     ("classifier", "norm"): ("batch", "group"),
     ("baselines", "weighting"): ("samples", "uniform"),
 }
+AUGMENTATIONS = ("flip", "crop", "blur", "noise")  # classifier.augment joins any of these with "+"
 POSITIVE = {
     ("run", "threads"): 0, ("data", "num_clients"): 1, ("data", "classes_per_client"): 1,
     ("data", "min_partition_size"): 0, ("data", "image_size"): 0,
@@ -172,6 +172,10 @@ def _validate(cfg: Config) -> Config:
     for section in ("generator", "classifier"):
         if getattr(cfg, section).lr <= 0:
             raise ConfigError(f"{section}.lr={getattr(cfg, section).lr}: the learning rate must be > 0")
+    parts = cfg.classifier.augment.split("+")
+    if cfg.classifier.augment != "none" and (len(set(parts)) != len(parts) or not set(parts) <= set(AUGMENTATIONS)):
+        raise ConfigError(f"classifier.augment={cfg.classifier.augment!r}: valid values are none or any of "
+                          f"{', '.join(AUGMENTATIONS)} joined by '+' (e.g. crop+flip)")
     if cfg.generator.steps_per_image < 0:
         raise ConfigError(f"generator.steps_per_image={cfg.generator.steps_per_image}: must be >= 0 "
                           "(0 trains every module generator.steps)")
