@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fedfactory.classifier import predict_proba, train_classifier  # noqa: E402
+from fedfactory.classifier import predict_log_proba, predict_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
 from fedfactory.federation.factory import synthesize  # noqa: E402
@@ -62,6 +62,7 @@ def main():
     p.add_argument("--blur", default="", help="classifier input blur sigmas (default: the clients' mean)")
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per class")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--local", action="store_true", help="score local mode (product of experts) instead")
     p.add_argument("--classes", default="", help="only these classes (module timing only)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
     p.add_argument("--out", default="benchmarks/runs/quality")
@@ -110,10 +111,26 @@ def main():
     sigmas = [float(s) for s in args.blur.split(",")] if args.blur else [float(np.mean(blurs))]
     for sigma in sigmas:
         t0 = time.perf_counter()
-        model = train_classifier(images, labels, train.num_classes, ccfg, 1, device,
-                                 progress=False, input_blur=sigma)
-        m = evaluate(predict_proba(model, val.images, device), val.labels, val.class_names)
-        row = {"variant": args.variant, "generator": overrides, "classifier": cls, "tag": args.tag,
+        if args.local:
+            # Silos in local mode: client c trains an expert on its real images of c plus the synthetic images
+            # of every other class; the experts' log-probabilities add up (product of experts).
+            total = 0
+            for c in range(train.num_classes):
+                mine = fit.labels == c
+                x = np.concatenate([fit.images[mine], images[labels != c]])
+                y = np.concatenate([fit.labels[mine], labels[labels != c]])
+                expert = train_classifier(x, y, train.num_classes, ccfg, derive_seed(1, "expert", c), device,
+                                          progress=False, input_blur=sigma)
+                total = total + predict_log_proba(expert, val.images, device)
+            proba = np.exp(total - total.max(1, keepdims=True))
+            proba /= proba.sum(1, keepdims=True)
+        else:
+            model = train_classifier(images, labels, train.num_classes, ccfg, 1, device,
+                                     progress=False, input_blur=sigma)
+            proba = predict_proba(model, val.images, device)
+        m = evaluate(proba, val.labels, val.class_names)
+        row = {"variant": args.variant, "generator": overrides, "classifier": cls,
+               "mode": "local" if args.local else "server", "tag": args.tag,
                "blur": sigma, "clients_blur": blurs, "samples_per_class": args.samples, "epochs": args.epochs,
                "val_accuracy": round(m["accuracy"], 4),
                "per_class": [round(a, 3) for a in m["per_class_accuracy"].values()],
