@@ -206,3 +206,40 @@ def test_benchmark_script_runs_on_the_tiny_preset(silos, tmp_path):
         result["seconds"]["unlearn"] / result["seconds"]["original_end_to_end"])
     assert "benchmarks/unlearning.py" in (tmp_path / "unlearning-tiny.md").read_text()
     assert not (silos.parent / "silos-unlearn-client-2").exists()
+
+
+def client_with_a_small_cell(run_dir: Path) -> int:
+    hist = read_json(run_dir / "partition.json")["histogram"]
+    return next(k for k, row in enumerate(hist) if any(0 < n < 20 for n in row) and any(n >= 20 for n in row))
+
+
+def test_a_run_with_cells_below_min_samples_unlearns_its_client_entirely_and_verifies(tmp_path):
+    # generator.min_samples=20 leaves cells without a module, as in the README's Dirichlet run; local mode is where
+    # a withdrawn client's rows in those cells would still matter (its expert trains on its real data).
+    source = tmp_path / "local"
+    run(load_config("tiny", [f"run.out={source}", "classifier.mode=local", "data.partition=dirichlet",
+                             "data.num_clients=4", "data.alpha=0.3", "generator.steps=5", "generator.min_samples=20",
+                             "reference.centralized=false", "synthesis.samples_per_class=20"]))
+    k = client_with_a_small_cell(source)
+    cert = unlearn(source, clients=(k,), out=tmp_path / "u", verify=True)
+    assert cert["verified"], cert["verification"]["summary"]
+    assert read_json(tmp_path / "u" / "partition.json")["indices"][k] == []
+    # Client k kept real rows in its small cells before the fix, so it still trained an expert on its own data.
+    assert f"client-{k:03d}" not in cert["classifier"]["experts"]
+    assert k not in cert["participants"]["clients"]
+    assert str(k) not in read_json(tmp_path / "u" / "metrics.json")["expert_accuracy"]
+
+
+def test_verification_requires_identical_metrics(silos, tmp_path, monkeypatch):
+    from fedfactory.federation import unlearning
+
+    real = unlearning.verify_from_scratch
+
+    def with_other_metrics(cfg, train, test, parts, expected, unlearned_metrics, unlearned_dir, device):
+        # Bit-identical weights, but the unlearned run's metrics.json claims another accuracy.
+        return real(cfg, train, test, parts, expected, unlearned_metrics | {"accuracy": -1.0}, unlearned_dir, device)
+
+    monkeypatch.setattr(unlearning, "verify_from_scratch", with_other_metrics)
+    cert = unlearn(silos, clients=(5,), out=tmp_path / "u", verify=True)
+    assert cert["verification"]["metrics_identical"] is False
+    assert cert["verified"] is False and "metrics" in cert["verification"]["summary"]

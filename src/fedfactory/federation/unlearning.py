@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from fedfactory.config import Config, apply, config_hash, load_config, to_toml
 from fedfactory.data.datasets import ImageDataset
-from fedfactory.data.partition import class_histogram
+from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.federation.client import held_classes, train_client_module
 from fedfactory.federation.factory import load_registry
@@ -104,10 +104,11 @@ def client_parts(partition_doc: dict, train: ImageDataset, num_clients: int) -> 
     return parts
 
 
-def check_registry_matches(manifests: dict[str, dict], parts: list[np.ndarray], train: ImageDataset) -> None:
-    """Every held (client, class) has exactly one module, trained on that many real images."""
+def check_registry_matches(manifests: dict[str, dict], parts: list[np.ndarray], train: ImageDataset,
+                           min_samples: int) -> None:
+    """Every (client, class) cell the partition implies has exactly one module, trained on that many real images."""
     hist = class_histogram(train.labels, parts, train.num_classes)
-    held = {module_id(int(k), int(c)): int(hist[k, c]) for k, c in zip(*np.nonzero(hist), strict=True)}
+    held = {module_id(k, c): n for (k, c), n in implied_cells(hist, min_samples).items()}
     declared = {mid: m["num_samples"] for mid, m in manifests.items()}
     if held != declared:
         diff = sorted(set(held.items()) ^ set(declared.items()))[:3]
@@ -239,9 +240,12 @@ def first_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     return None
 
 
-def withdraw_rows(parts: list[np.ndarray], labels: np.ndarray, removed: list[dict]) -> list[np.ndarray]:
-    """The partition without the rows behind the removed modules: client k loses its rows of class c."""
+def withdraw_rows(parts: list[np.ndarray], labels: np.ndarray, removed: list[dict], clients=()) -> list[np.ndarray]:
+    """The partition without the rows behind the removed modules (client k loses its rows of class c), and without
+    every row of a withdrawn client, including its cells too small for a module (which local mode would train on)."""
     parts = list(parts)
+    for k in clients:
+        parts[k] = parts[k][:0]
     for m in removed:
         k = m["client_id"]
         parts[k] = parts[k][labels[parts[k]] != m["class_id"]]
@@ -278,13 +282,13 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
         scratch = trained_record(tmp, cfg.classifier.mode)
     # Timings are wall clock, and module file sizes can differ by a byte or two because each manifest records
     # its own train_seconds; everything else in metrics.json must match.
-    same_metrics = all(metrics.get(k) == unlearned_metrics.get(k) for k in metrics.keys() | unlearned_metrics.keys()
-                       if k not in _UNCOMPARED_METRICS)
-    verified = not module_mismatches and not missing and difference is None
-    summary = ("classifier weights and every module are bit-identical to a run without the removed modules"
+    differing_metrics = sorted(k for k in metrics.keys() | unlearned_metrics.keys()
+                               if k not in _UNCOMPARED_METRICS and metrics.get(k) != unlearned_metrics.get(k))
+    verified = not module_mismatches and not missing and difference is None and not differing_metrics
+    summary = ("classifier weights, metrics and every module are identical to a run without the removed modules"
                if verified else
                f"modules differing: {module_mismatches[:5]}, not retrained: {missing[:5]}, "
-               f"first classifier difference: {difference}")
+               f"first classifier difference: {difference}, metrics differing: {differing_metrics[:5]}")
     if module_mismatches:
         # CPU kernels split reductions by thread, so bits match only at the thread count that trained the modules.
         summary += (f" (retrained with {torch.get_num_threads()} torch threads on {device}; modules are "
@@ -293,7 +297,7 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
     return {"verified": verified, "summary": summary, "modules_retrained": len(trained),
             "module_mismatches": module_mismatches, "modules_not_retrained": missing,
             "first_module_difference": module_difference, "first_classifier_difference": difference,
-            "classifier": scratch, "metrics_identical": same_metrics,
+            "classifier": scratch, "metrics_identical": not differing_metrics,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -326,8 +330,8 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
         t0 = time.perf_counter()
         train, test = load_data(new_cfg)
         parts = client_parts(partition_doc, train, cfg.data.num_clients)
-        check_registry_matches(source, parts, train)
-        parts = withdraw_rows(parts, train.labels, [source[mid] for mid in removed])
+        check_registry_matches(source, parts, train, cfg.generator.min_samples)
+        parts = withdraw_rows(parts, train.labels, [source[mid] for mid in removed], clients)
         withdrawn = sorted(set(partition_doc.get("withdrawn_modules", [])) | set(removed))
         atomic_write_json(stage / "partition.json", partition_doc | {
             "histogram": class_histogram(train.labels, parts, train.num_classes).tolist(),
