@@ -128,7 +128,10 @@ POSITIVE = {
     ("baselines", "rounds"): 1, ("baselines", "local_epochs"): 1, ("baselines", "local_steps"): 0,
     ("baselines", "batch_size"): 1, ("baselines", "clients_per_round"): 0,
 }
-PRESET_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
+# ./configs first (a user's own presets), then the installed package's copy (pyproject.toml maps configs/ to
+# fedfactory/configs/), then the checkout's configs/ (an editable install has no installed copy).
+PRESET_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parent / "configs",
+               Path(__file__).resolve().parents[2] / "configs")
 
 
 def valid_keys() -> list[str]:
