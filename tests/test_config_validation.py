@@ -1,17 +1,26 @@
 """Bad configs are refused at load time with one line naming the key and what it accepts; every user-facing
 error of the command line is one line without a traceback (unless --debug)."""
 
+import ast
 import re
+from pathlib import Path
 
 import pytest
 
-from fedfactory.cli import main
+from fedfactory.cli import USER_ERRORS, main
 from fedfactory.config import ConfigError, load_config, to_toml, valid_keys
 from fedfactory.data.datasets import DatasetError
 from fedfactory.data.partition import PartitionError
+from fedfactory.errors import FedFactoryError
+from fedfactory.federation.compare import CompareError
+from fedfactory.federation.factory import SynthesisError
 from fedfactory.federation.runner import RunDirError
 from fedfactory.federation.unlearning import UnlearningError
+from fedfactory.flower.run_config import flower_keys
 from fedfactory.generative.artifact import ModuleError
+from fedfactory.report import ReportError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ALL_KEYS = ", ".join(valid_keys())
 
@@ -105,9 +114,41 @@ def test_valid_edges_are_accepted():
     assert cfg.data.image_size == 4 and cfg.data.alpha == 1e-3
 
 
-def test_error_types_are_value_errors_the_cli_catches():
-    for error in (ConfigError, DatasetError, PartitionError, ModuleError, RunDirError, UnlearningError):
-        assert issubclass(error, ValueError), error
+def test_the_cli_catches_the_projects_errors_and_nothing_else():
+    for error in (ConfigError, DatasetError, PartitionError, RunDirError, UnlearningError, CompareError, ReportError,
+                  SynthesisError):
+        assert issubclass(error, FedFactoryError) and issubclass(error, ValueError), error
+    assert set(USER_ERRORS) == {FedFactoryError, ModuleError}
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug"), KeyError("a bug"), OSError("a bug")])
+def test_a_bug_keeps_its_traceback(monkeypatch, bug):
+    import fedfactory.federation.runner as runner
+
+    def broken(cfg):
+        raise bug
+
+    monkeypatch.setattr(runner, "run", broken)
+    with pytest.raises(type(bug), match="a bug"):
+        main(["run", "--config", "tiny"])
+
+
+CONFIG_SECTIONS = ("run", "data", "generator", "synthesis", "classifier", "reference", "baselines", "flower")
+KEY_IN_TEXT = re.compile(rf"(?<![\w.])(?:{'|'.join(CONFIG_SECTIONS)})\.[a-z_]+\b")
+
+
+def test_error_messages_name_only_config_keys_that_exist():
+    # Every string a `raise` builds (f-string parts included) that looks like section.key must be a real key.
+    valid = set(valid_keys()) | set(flower_keys())
+    wrong = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for part in ast.walk(node.exc):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                        wrong += [f"{path.name}:{node.lineno} {key}" for key in KEY_IN_TEXT.findall(part.value)
+                                  if key not in valid]
+    assert wrong == []
 
 
 def _finished_looking_run(out, overrides):
@@ -141,10 +182,10 @@ CLI_ERRORS = {
                 lambda out: _finished_looking_run(out, ["generator.steps=3"]), RunDirError,
                 r"holds a run with a different config; choose another run.out or delete"),
     "run dir is a file": (["run", "--config", "tiny", "run.out={out}"], lambda out: out.write_text("x"),
-                          FileExistsError, r"File exists"),
+                          RunDirError, r"is a file, not a directory; choose another run.out"),
     "unlearning": (["unlearn", "{tmp}", "--client", "0"], None, UnlearningError,
                    r"has no config.toml: not a finished run directory"),
-    "inspect": (["inspect", "{out}"], None, FileNotFoundError, r"no such module file or directory"),
+    "inspect": (["inspect", "{out}"], None, ModuleError, r"no such module file or directory"),
 }
 
 

@@ -1,10 +1,20 @@
 import json
 
 import pytest
+import torch
 
 from fedfactory.cli import main
-from fedfactory.config import load_config
-from fedfactory.federation.runner import RunDirError, run
+from fedfactory.config import load_config, to_toml
+from fedfactory.federation.client import train_client_module
+from fedfactory.federation.runner import (
+    RunDirError,
+    TrainingError,
+    load_data,
+    run,
+    save_classifier,
+    split_clients,
+)
+from fedfactory.generative.artifact import save_module
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "macro_recall", "auroc",
                "per_class_accuracy", "confusion_matrix", "timings", "bytes", "reference"}
@@ -80,3 +90,30 @@ def test_min_samples_trains_modules_only_for_cells_with_enough_images(tmp_path):
         per_class[int(mid[-3:])] = per_class.get(int(mid[-3:]), 0) + n
     assert set(per_class.values()) == {cfg.synthesis.samples_per_class}
     assert "fewer than generator.min_samples=20" in (out / "log.txt").read_text()
+
+
+def test_a_module_lacking_optional_training_fields_is_retrained_not_a_traceback(tmp_path):
+    # The artifact schema requires only training.steps and seed; a module without batch_size is valid but was not
+    # trained as asked, so a resumed run retrains it.
+    out = tmp_path / "run"
+    cfg = load_config("tiny", [f"run.out={out}", "generator.steps=3", "reference.centralized=false"])
+    (out / "modules").mkdir(parents=True)
+    (out / "config.toml").write_text(to_toml(cfg))
+    train, _ = load_data(cfg)
+    rows = split_clients(cfg, train)[0]
+    tensors, manifest = train_client_module(train.subset(rows), 0, 0, cfg.generator, cfg.run.seed,
+                                            torch.device("cpu"), progress=False)
+    del manifest["training"]["batch_size"]
+    save_module(out / "modules" / "client-000_class-000.safetensors", tensors, manifest)
+    run(cfg)
+    assert "retraining client-000_class-000.safetensors: trained as aegmm with 3 steps, batch None" in \
+        (out / "log.txt").read_text()
+
+
+def test_a_classifier_with_non_finite_weights_is_refused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="training diverged, tensors weight hold NaN or Inf"):
+        save_classifier(model, tmp_path / "classifier.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -243,3 +243,23 @@ def test_verification_requires_identical_metrics(silos, tmp_path, monkeypatch):
     cert = unlearn(silos, clients=(5,), out=tmp_path / "u", verify=True)
     assert cert["verification"]["metrics_identical"] is False
     assert cert["verified"] is False and "metrics" in cert["verification"]["summary"]
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("metrics.json", lambda d: d.pop("confusion_matrix"), "is not as fedfactory wrote it (no confusion_matrix)"),
+    ("metrics.json", lambda d: d.update(confusion_matrix=[[1, 2], [3]]), "confusion_matrix is not 10 x 10"),
+    ("partition.json", lambda d: d.update(indices=[["a"]] * 10), "indices must be lists of row numbers"),
+    ("partition.json", None, "is unreadable"),
+])
+def test_an_edited_source_run_is_refused_in_one_line(silos, tmp_path, capsys, name, edit, message):
+    edited = tmp_path / "edited"
+    shutil.copytree(silos, edited)
+    if edit is None:
+        (edited / name).write_text("{not json")
+    else:
+        doc = read_json(edited / name)
+        edit(doc)
+        (edited / name).write_text(json.dumps(doc))
+    assert main(["unlearn", str(edited), "--client", "1", "--out", str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "u").exists(), err

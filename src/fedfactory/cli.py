@@ -7,13 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from fedfactory.config import ConfigError, load_config, valid_keys
-from fedfactory.data.datasets import DatasetError
-from fedfactory.data.partition import PartitionError
+from fedfactory.config import load_config, valid_keys
+from fedfactory.errors import FedFactoryError
 from fedfactory.generative.artifact import ModuleError
 
-# ValueError also covers RunDirError and UnlearningError, which live in modules imported only by their commands.
-USER_ERRORS = (ConfigError, DatasetError, PartitionError, ModuleError, OSError, ValueError)
+# Only the project's own refusals become one-line errors; any other exception is a bug and keeps its traceback.
+USER_ERRORS = (FedFactoryError, ModuleError)
 
 
 def cmd_run(args) -> int:
@@ -114,7 +113,7 @@ def inspect_registry(directory: Path) -> int:
 def cmd_inspect(args) -> int:
     path = Path(args.module)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such module file or directory")
+        raise ModuleError(f"{path}: no such module file or directory")
     if path.is_dir():
         return inspect_registry(path)
     manifest, refusal = check_module_file(path, in_registry=False)

@@ -8,8 +8,10 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from fedfactory.errors import FedFactoryError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedFactoryError, ValueError):
     """A config file or override is invalid; the message names the key and the valid choices."""
 
 

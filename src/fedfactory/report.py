@@ -27,6 +27,7 @@ from matplotlib.image import imsave
 
 from fedfactory import __version__
 from fedfactory.config import Config, load_config
+from fedfactory.errors import FedFactoryError
 from fedfactory.federation.factory import module_spec
 from fedfactory.generative.artifact import ModuleError, load_module, module_id
 from fedfactory.generative.train import sample_module
@@ -39,7 +40,7 @@ HEADLINE_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 BAD_INPUT = (ValueError, KeyError, TypeError, IndexError)
 
 
-class ReportError(ValueError):
+class ReportError(FedFactoryError, ValueError):
     """The path is not a run directory."""
 
 
@@ -579,11 +580,11 @@ def write_report(run_dir: str | Path, show_real: bool = False, device: torch.dev
     """Write <run_dir>/report.html atomically from what the run directory holds; returns its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise ReportError(f"run directory {run_dir} does not exist")
     if not any((run_dir / name).exists() for name in RUN_PIECES):
         raise ReportError(f"{run_dir} is not a run directory: it has none of {', '.join(RUN_PIECES)}")
     if samples_per_module < 1:
-        raise ValueError(f"samples_per_module={samples_per_module}: must be >= 1")
+        raise ReportError(f"samples_per_module={samples_per_module}: must be >= 1")
     text = render_report(run_dir, show_real, device, samples_per_module)
     path = run_dir / REPORT_NAME
     atomic_write_text(path, text)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfactory.errors import FedFactoryError
+
 DATASETS = ("digits", "fashion-mnist", "cifar10", "medmnist:<subset>", "isic2019")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 MEDMNIST_DEFAULT_ROOT = "~/.medmnist"  # where the `medmnist` package downloads its .npz files
@@ -53,7 +55,7 @@ _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 _CIFAR_PIXELS = 3 * 32 * 32
 
 
-class DatasetError(ValueError):
+class DatasetError(FedFactoryError, ValueError):
     """Raised for missing, corrupt or malformed dataset files; message names the file and the fix."""
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedfactory.errors import FedFactoryError
+
 SCHEMES = ("iid", "pathological", "dirichlet", "natural")
 
 
-class PartitionError(ValueError):
+class PartitionError(FedFactoryError, ValueError):
     """Raised when a partition cannot be made as asked; message names the setting to change."""
 
 
@@ -71,7 +73,7 @@ def _dirichlet(by_class, num_clients, alpha, min_partition_size, max_retries, rn
             return parts
     raise PartitionError(
         f"dirichlet partition left a client with {smallest} < {min_size} samples after {max_retries} tries; "
-        "lower data.min_partition_size, raise data.alpha, lower data.num_clients or raise data.max_retries"
+        "lower data.min_partition_size, raise data.alpha or lower data.num_clients"
     )
 
 
@@ -113,7 +115,7 @@ def partition(
         raise PartitionError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     labels = labels.astype(np.int64)
     if scheme not in SCHEMES:
-        raise PartitionError(f"unknown data.scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise PartitionError(f"unknown data.partition {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if not isinstance(num_clients, int | np.integer) or num_clients < 1:
         raise PartitionError(f"data.num_clients must be an int >= 1, got {num_clients!r}")
     if num_clients > len(labels):
@@ -148,7 +150,7 @@ def partition(
         if min_partition_size < 0:
             raise PartitionError(f"data.min_partition_size must be >= 0, got {min_partition_size}")
         if max_retries < 1:
-            raise PartitionError(f"data.max_retries must be >= 1, got {max_retries}")
+            raise PartitionError(f"max_retries must be >= 1, got {max_retries}")
         if num_clients * min_partition_size > len(labels):
             raise PartitionError(
                 f"{num_clients} clients x data.min_partition_size={min_partition_size} exceeds the "

@@ -33,6 +33,7 @@ from fedfactory.config import Config, apply, config_hash
 from fedfactory.data.datasets import ImageDataset
 from fedfactory.data.partition import SCHEMES, PartitionError
 from fedfactory.device import select_device
+from fedfactory.errors import FedFactoryError
 from fedfactory.federation import runner
 from fedfactory.federation.baselines import HEADLINE, run_baseline
 from fedfactory.federation.factory import load_registry
@@ -47,7 +48,7 @@ COLUMNS = ("method", "rounds", "accuracy", "balanced_accuracy", "macro_f1", "aur
            "bytes_total", "wall_s")
 
 
-class CompareError(ValueError):
+class CompareError(FedFactoryError, ValueError):
     """A compare request that cannot run as asked; the message lists the valid values."""
 
 

@@ -6,8 +6,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fedfactory.config import Config
+from fedfactory.errors import FedFactoryError
 from fedfactory.generative.artifact import ModuleError, load_module, module_filename
 from fedfactory.generative.train import expected_tensors, sample_module
+from fedfactory.seeding import derive_seed
+
+
+class SynthesisError(FedFactoryError, ValueError):
+    """The modules cannot make a synthetic set: none at all, or image shapes that disagree."""
 
 
 def module_spec(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -17,6 +24,19 @@ def module_spec(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     except (ValueError, KeyError, TypeError) as e:
         raise ModuleError(f"module {manifest.get('module_id')}: network config does not define a valid network "
                           f"({e})") from None
+
+
+def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
+    """Why a valid module was not trained as cfg asks (family, steps, batch size, seed), or None if it was."""
+    t, g = manifest["training"], cfg.generator
+    seed = derive_seed(cfg.run.seed, "train", manifest["client_id"], manifest["class_id"])
+    # .get: the artifact schema requires only steps and seed, so a module may lack the other training fields.
+    if manifest["family"] != g.family or t.get("steps") != g.steps or t.get("batch_size") != g.batch_size:
+        return (f"trained as {manifest['family']} with {t.get('steps')} steps, batch {t.get('batch_size')}; "
+                f"the run asks {g.family}, {g.steps} steps, batch {g.batch_size}")
+    if t.get("seed") != seed:
+        return f"trained with seed {t.get('seed')}, the run derives {seed}"
+    return None
 
 
 def load_registry(modules_dir: Path) -> list[tuple[dict, dict[str, torch.Tensor]]]:
@@ -59,7 +79,8 @@ def synthesize(modules: list[tuple[dict, dict[str, torch.Tensor]]], num_classes:
                progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """A class-balanced synthetic set as uint8 images (N, H, W, C) and int64 labels, plus the plan used."""
     if not modules:
-        raise ValueError("no modules to synthesize from: the registry is empty")
+        raise SynthesisError("no modules to synthesize from: the registry is empty (every cell may hold fewer than "
+                             "generator.min_samples images)")
     plan = plan_synthesis([m for m, _ in modules], num_classes, samples_per_class)
     c, h, w = modules[0][0]["image_shape"]
     # Preallocate the uint8 set and fill it module by module: memory stays at samples x pixels bytes
@@ -69,7 +90,7 @@ def synthesize(modules: list[tuple[dict, dict[str, torch.Tensor]]], num_classes:
     start = 0
     for manifest, tensors in tqdm(modules, desc="synthesis", unit="module", disable=not progress, leave=False):
         if tuple(manifest["image_shape"]) != (c, h, w):
-            raise ValueError(f"module {manifest['module_id']} has image shape {manifest['image_shape']}, "
+            raise SynthesisError(f"module {manifest['module_id']} has image shape {manifest['image_shape']}, "
                              f"others {[c, h, w]}: all modules of a federation must share one image shape")
         n = plan.get(manifest["module_id"], 0)
         images[start:start + n] = sample_module(tensors, manifest, range(n), root_seed, device, batch_size)

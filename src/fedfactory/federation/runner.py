@@ -20,8 +20,9 @@ from fedfactory.config import Config, config_hash, to_toml
 from fedfactory.data.datasets import ImageDataset, load_dataset
 from fedfactory.data.partition import class_histogram, format_histogram, partition
 from fedfactory.device import select_device
+from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import held_classes, train_client_module
-from fedfactory.federation.factory import load_registry, module_spec, synthesize
+from fedfactory.federation.factory import load_registry, module_spec, synthesize, trained_as_asked
 from fedfactory.generative.artifact import ModuleError, load_module, module_filename, module_id, save_module
 from fedfactory.metrics import evaluate, format_table
 from fedfactory.report import write_report
@@ -31,7 +32,7 @@ from fedfactory.seeding import derive_seed
 log = logging.getLogger("fedfactory")
 
 
-class RunDirError(ValueError):
+class RunDirError(FedFactoryError, ValueError):
     """The run directory belongs to a different config or cannot be used."""
 
 
@@ -61,6 +62,8 @@ def check_run_dir(cfg: Config) -> None:
     out = Path(cfg.run.out)
     saved = out / "config.toml"
     fix = f"choose another run.out or delete {out}"
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"run.out={out} is a file, not a directory; choose another run.out")
     if out.exists() and has_results(out):
         if not saved.is_file():
             raise RunDirError(f"{out} holds results but no config.toml to match them to this config; {fix}")
@@ -124,7 +127,7 @@ def write_partition(cfg: Config, train: ImageDataset, parts: list[np.ndarray], o
              format_histogram(hist, train.class_names))
 
 
-def reusable_module(path: Path, cfg: Config, root_seed: int) -> bool:
+def reusable_module(path: Path, cfg: Config) -> bool:
     """A finished module from an earlier attempt is reused only if it validates and was trained as asked."""
     if not path.exists():
         return False
@@ -133,10 +136,10 @@ def reusable_module(path: Path, cfg: Config, root_seed: int) -> bool:
     except ModuleError as e:
         log.info("retraining %s: %s", path.name, e)
         return False
-    t = manifest["training"]
-    seed = derive_seed(root_seed, "train", manifest["client_id"], manifest["class_id"])
-    return (manifest["family"] == cfg.generator.family and t["steps"] == cfg.generator.steps and t["seed"] == seed
-            and t["batch_size"] == cfg.generator.batch_size)
+    if reason := trained_as_asked(manifest, cfg):
+        log.info("retraining %s: %s", path.name, reason)
+        return False
+    return True
 
 
 def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path,
@@ -152,7 +155,7 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
                      ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
         for c, n in held.items():
             path = out / "modules" / module_filename(module_id(k, c))
-            if reusable_module(path, cfg, cfg.run.seed):
+            if reusable_module(path, cfg):
                 log.info("reusing %s (hash checked)", path.name)
                 continue
             t0 = time.perf_counter()
@@ -165,8 +168,17 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
                      n, cfg.generator.steps, dt, path.stat().st_size)
 
 
+class TrainingError(FedFactoryError, ValueError):
+    """A classifier came out of training with NaN or Inf weights: its loss diverged."""
+
+
 def save_classifier(model: torch.nn.Module, path: Path) -> None:
-    """Write the classifier's weights as safetensors, atomically."""
+    """Write the classifier's weights as safetensors, atomically; refuses weights that are not finite."""
+    # A NaN loss leaves NaN weights, whose predictions would still give a (meaningless) accuracy.
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingError(f"{path.stem}: training diverged, tensors {', '.join(bad[:3])} hold NaN or Inf; lower "
+                            "classifier.lr or check the training images")
     # Serialized in memory: a temp file of our own would outlive a kill, and only atomic_write_bytes cleans up.
     atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 

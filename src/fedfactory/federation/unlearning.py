@@ -39,6 +39,7 @@ from fedfactory.config import Config, apply, config_hash, load_config, to_toml
 from fedfactory.data.datasets import ImageDataset
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
+from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import held_classes, train_client_module
 from fedfactory.federation.factory import load_registry
 from fedfactory.federation.runner import Timer, load_data, local_stage, server_stage, setup_logging
@@ -58,7 +59,7 @@ CLASS_GROUPS = {
 _UNCOMPARED_METRICS = ("timings", "bytes")  # left out of the verification's metrics comparison (see there)
 
 
-class UnlearningError(ValueError):
+class UnlearningError(FedFactoryError, ValueError):
     """The unlearning request or the source run is unusable; the message says which and how to fix it."""
 
 
@@ -66,6 +67,30 @@ def default_out(run_dir: Path, clients=(), modules=()) -> Path:
     """A sibling of the run directory named after what is removed, e.g. runs/tiny-unlearn-client-3."""
     parts = [f"client-{k}" for k in clients] + list(modules)
     return run_dir.parent / f"{run_dir.name}-unlearn-{'-'.join(parts)}"
+
+
+def read_object(path: Path, keys: tuple[str, ...]) -> dict:
+    """A JSON object of the source run holding `keys`; an unreadable or edited file is refused in one line."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnlearningError(f"{path} is unreadable ({e}); restore it or rerun the run") from None
+    missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise UnlearningError(f"{path} is not as fedfactory wrote it (no {', '.join(missing)}); restore it or "
+                              "rerun the run")
+    return doc
+
+
+def check_confusion(metrics: dict, num_classes: int, run_dir: Path) -> None:
+    """The source metrics' confusion matrix, which the before/after accuracies are read from, fits the dataset."""
+    try:
+        shape = np.asarray(metrics["confusion_matrix"], dtype=np.int64).shape
+    except (TypeError, ValueError):
+        shape = None
+    if shape != (num_classes, num_classes):
+        raise UnlearningError(f"{run_dir / 'metrics.json'}: confusion_matrix is not {num_classes} x {num_classes} "
+                              "counts; restore it or rerun the run")
 
 
 def read_source(run_dir: Path) -> tuple[Config, dict, dict]:
@@ -79,8 +104,8 @@ def read_source(run_dir: Path) -> tuple[Config, dict, dict]:
     cfg = load_config(str(run_dir / "config.toml"))
     for name in ("partition.json", "metrics.json", TRAINED[cfg.classifier.mode], "modules"):
         require(name)
-    partition_doc = json.loads((run_dir / "partition.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    partition_doc = read_object(run_dir / "partition.json", ("indices", "histogram", "class_names"))
+    metrics = read_object(run_dir / "metrics.json", ("accuracy", "confusion_matrix", "per_class_accuracy"))
     if metrics.get("config_hash") != config_hash(cfg):
         log.warning("%s/config.toml no longer hashes to the config recorded in metrics.json; the before/after "
                     "comparison may mix two configs", run_dir)
@@ -94,7 +119,10 @@ def client_parts(partition_doc: dict, train: ImageDataset, num_clients: int) -> 
         raise UnlearningError(f"partition.json must list indices for {num_clients} clients")
     if partition_doc.get("class_names") != list(train.class_names):
         raise UnlearningError("partition.json's class names differ from the dataset's: the data changed since the run")
-    parts = [np.asarray(rows, dtype=np.int64) for rows in indices]
+    try:
+        parts = [np.asarray(rows, dtype=np.int64).reshape(-1) for rows in indices]
+    except (TypeError, ValueError):
+        raise UnlearningError("partition.json's indices must be lists of row numbers") from None
     every = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     if len(every) and (every.min() < 0 or every.max() >= len(train) or len(np.unique(every)) != len(every)):
         raise UnlearningError(f"partition.json indices must be distinct rows of the {len(train)}-image training set")
@@ -330,6 +358,7 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
         t0 = time.perf_counter()
         train, test = load_data(new_cfg)
         parts = client_parts(partition_doc, train, cfg.data.num_clients)
+        check_confusion(before, train.num_classes, run_dir)
         check_registry_matches(source, parts, train, cfg.generator.min_samples)
         parts = withdraw_rows(parts, train.labels, [source[mid] for mid in removed], clients)
         withdrawn = sorted(set(partition_doc.get("withdrawn_modules", [])) | set(removed))

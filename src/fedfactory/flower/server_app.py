@@ -16,8 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfactory.config import Config, ConfigError, config_hash
 from fedfactory.data.datasets import ImageDataset
+from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import held_classes
-from fedfactory.federation.factory import load_registry, module_spec
+from fedfactory.federation.factory import load_registry, module_spec, trained_as_asked
 from fedfactory.federation.runner import (
     reusable_module,
     server_stage,
@@ -28,14 +29,13 @@ from fedfactory.flower.wire import CLIENT, MODULES, TRAIN, module_bytes, task_co
 from fedfactory.generative.artifact import ModuleError, module_filename, module_from_bytes, module_id
 from fedfactory.report import write_report
 from fedfactory.runs import atomic_write_bytes, atomic_write_json
-from fedfactory.seeding import derive_seed
 
 log = logging.getLogger("fedfactory")
 
 app = ServerApp()
 
 
-class ReplyError(ValueError):
+class ReplyError(FedFactoryError, ValueError):
     """A reply that cannot be attributed to a client of this run; none of its modules is used."""
 
 
@@ -89,18 +89,6 @@ def exchange(grid: Grid, messages: list[Message], timeout_s: float,
     return replies, node_of, silent + [node_of[mid] for mid in sorted(pending)]
 
 
-def _trained_as_asked(manifest: dict, cfg: Config) -> str | None:
-    """Why a valid module was not trained as this run asks, or None."""
-    t, g = manifest["training"], cfg.generator
-    seed = derive_seed(cfg.run.seed, "train", manifest["client_id"], manifest["class_id"])
-    if manifest["family"] != g.family or t.get("steps") != g.steps or t.get("batch_size") != g.batch_size:
-        return (f"trained as {manifest['family']} with {t.get('steps')} steps, batch {t.get('batch_size')}; "
-                f"the run asks {g.family}, {g.steps} steps, batch {g.batch_size}")
-    if t.get("seed") != seed:
-        return f"trained with seed {t.get('seed')}, the run derives {seed}"
-    return None
-
-
 def _client_of(reply: Message, cfg: Config, got: Collected) -> int:
     """The client id a reply answers for, after checking it belongs to this run and is the first for that client."""
     if not reply.has_content():
@@ -149,7 +137,7 @@ def collect(replies: list[Message], node_of: dict[str, int], cfg: Config, expect
                 manifest, _ = module_from_bytes(data, source, expected=module_spec)
                 if manifest["module_id"] != mid:
                     raise ModuleError(f"{source}: its manifest says {manifest['module_id']}")
-                if reason := _trained_as_asked(manifest, cfg):
+                if reason := trained_as_asked(manifest, cfg):
                     raise ModuleError(f"{source}: {reason}")
             except ModuleError as e:
                 got.rejected.append({"node_id": node, "client_id": k, "module_id": mid[:40], "reason": str(e)})
@@ -190,7 +178,7 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     out, device, timer, train, test, parts = start_run(cfg, kind="flower run")
     expected = expected_modules(train, parts, cfg.generator.min_samples)
     have = [mid for mids in expected.values() for mid in mids
-            if reusable_module(out / "modules" / module_filename(mid), cfg, cfg.run.seed)]
+            if reusable_module(out / "modules" / module_filename(mid), cfg)]
     if have:
         log.info("reusing %d modules from an earlier attempt (hash checked); clients skip them", len(have))
 
