@@ -77,13 +77,13 @@ def random_blur(x: torch.Tensor, gen: torch.Generator, max_sigma: float = 1.5, r
     return y.reshape(b, c, h, w)
 
 
-def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, kind: str, gen: torch.Generator, noise_std: float = 0.2) -> torch.Tensor:
     """Apply the augmentations named in kind ("crop+flip", ...) to a float batch in [-1, 1], drawn from gen.
 
     flip: random horizontal flips; crop: random 2-pixel translations (zero padding); blur: a random Gaussian
-    blur per image; noise: Gaussian pixel noise of a random strength per image. The last two teach a
-    classifier trained on smooth synthetic images to ignore the high frequencies that separate them from
-    real ones (the texture gap of ../QUALITY-PROBES.md) instead of reading them as evidence.
+    blur per image; noise: Gaussian pixel noise with a standard deviation uniform in [0, noise_std] per image.
+    The last two teach a classifier trained on smooth synthetic images to ignore the high frequencies that
+    separate them from real ones (the texture gap) instead of reading them as evidence.
     """
     b = x.shape[0]
     parts = kind.split("+")
@@ -100,7 +100,7 @@ def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     if "blur" in parts:
         x = random_blur(x, gen)
     if "noise" in parts:
-        std = torch.rand(b, 1, 1, 1, generator=gen) * 0.2
+        std = torch.rand(b, 1, 1, 1, generator=gen) * noise_std
         x = x + std.to(x.device) * torch.randn(x.shape, generator=gen).to(x.device)
     return x
 
@@ -131,7 +131,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
             # Scale one uint8 batch to [-1, 1] float; the synthetic set itself stays uint8.
             b = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             x = torch.from_numpy(to_float(images[b.numpy()]))
-            x = augment(x, cfg.augment, gen).to(device) if cfg.augment != "none" else x.to(device)
+            x = augment(x, cfg.augment, gen, cfg.noise_std).to(device) if cfg.augment != "none" else x.to(device)
             y = y_all[b].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)

@@ -72,6 +72,7 @@ class ClassifierConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     augment: str = "none"  # none, or any of flip, crop, blur, noise joined by "+" (AUGMENTATIONS)
+    noise_std: float = 0.2  # augment "noise": the largest per-image noise standard deviation ([-1, 1] pixels)
     # batch | group. BatchNorm fails under label skew (Hsieh et al. 2020, "The Non-IID Data Quagmire"): a
     # one-class client's batch statistics are not the federation's. GroupNorm has no statistics to average.
     norm: str = "batch"
@@ -181,6 +182,8 @@ def _validate(cfg: Config) -> Config:
     if cfg.classifier.augment != "none" and (len(set(parts)) != len(parts) or not set(parts) <= set(AUGMENTATIONS)):
         raise ConfigError(f"classifier.augment={cfg.classifier.augment!r}: valid values are none or any of "
                           f"{', '.join(AUGMENTATIONS)} joined by '+' (e.g. crop+flip)")
+    if cfg.classifier.noise_std < 0:
+        raise ConfigError(f"classifier.noise_std={cfg.classifier.noise_std}: must be >= 0")
     if cfg.generator.steps_per_image < 0:
         raise ConfigError(f"generator.steps_per_image={cfg.generator.steps_per_image}: must be >= 0 "
                           "(0 trains every module generator.steps)")
