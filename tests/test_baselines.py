@@ -7,6 +7,8 @@ from safetensors.torch import save
 from torch.nn import functional as F
 
 from fedfactory.config import load_config
+from fedfactory.data.datasets import load_data
+from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
 from fedfactory.federation.baselines import (
     client_tensors,
@@ -19,7 +21,6 @@ from fedfactory.federation.baselines import (
     train_federated,
     validation_split,
 )
-from fedfactory.federation.runner import load_data, split_clients
 
 SETTINGS = ["baselines.rounds=2", "baselines.local_steps=2", "baselines.batch_size=16"]
 
@@ -27,8 +28,8 @@ SETTINGS = ["baselines.rounds=2", "baselines.local_steps=2", "baselines.batch_si
 @pytest.fixture(scope="module")
 def tiny():
     cfg = load_config("tiny", SETTINGS)
-    train, test = load_data(cfg)
-    return cfg, train, test, split_clients(cfg, train), select_device("cpu")
+    train, test = load_data(cfg.data)
+    return cfg, train, test, split_clients(cfg.data, cfg.run.seed, train), select_device("cpu")
 
 
 def states_equal(a: dict, b: dict) -> bool:
@@ -207,9 +208,10 @@ def test_group_norm_classifier_has_no_statistics_and_fedavg_runs_with_it():
     assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 5
     assert not list(model.buffers())
     cfg = load_config("tiny", ["classifier.norm=group", "baselines.rounds=2"])
-    train, test = load_data(cfg)
-    result = train_federated("fedavg", train, split_clients(cfg, train), test, cfg.baselines, cfg.classifier,
-                             cfg.run.seed, torch.device("cpu"))
+    train, test = load_data(cfg.data)
+    parts = split_clients(cfg.data, cfg.run.seed, train)
+    result = train_federated("fedavg", train, parts, test, cfg.baselines, cfg.classifier, cfg.run.seed,
+                             torch.device("cpu"))
     assert not any("running" in k for k in result["state"])
     assert result["metrics"]["accuracy"] >= 0
     with pytest.raises(ValueError, match="valid values are batch, group"):

@@ -14,8 +14,8 @@ from fedfactory.data.datasets import ImageDataset
 from fedfactory.device import select_device
 from fedfactory.federation import compare as compare_module
 from fedfactory.federation.compare import COLUMNS, METHODS, compare, parse_methods
-from fedfactory.federation.factory import load_registry
-from fedfactory.federation.runner import local_training_set, product_of_experts
+from fedfactory.federation.factory import local_training_set, product_of_experts
+from fedfactory.registry import load_registry
 
 SETTINGS = ["baselines.rounds=2", "baselines.local_steps=2", "baselines.batch_size=16"]
 

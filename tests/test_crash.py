@@ -17,8 +17,10 @@ import torch
 
 from fedfactory import runs
 from fedfactory.config import load_config, to_toml
-from fedfactory.federation.factory import load_registry
-from fedfactory.federation.runner import RunDirError, prepare_run_dir, save_classifier, save_samples_png
+from fedfactory.federation.runner import save_classifier
+from fedfactory.registry import load_registry
+from fedfactory.report import write_samples_png
+from fedfactory.runs import RunDirError, prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # Long enough (about half a second per module on one idle thread) to kill it between two modules.
@@ -184,7 +186,7 @@ def test_classifier_and_samples_are_written_whole_or_not_at_all(tmp_path, monkey
     images = np.zeros((4, 8, 8, 1), np.uint8)
     labels = np.array([0, 0, 1, 1])
     save_classifier(model, tmp_path / "classifier.safetensors")
-    save_samples_png(images, labels, ("a", "b"), tmp_path / "samples.png", per_class=2)
+    write_samples_png(images, labels, ("a", "b"), tmp_path / "samples.png", per_class=2)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     # A failure at the last step (the rename) leaves the previous files and no temp file behind.
@@ -195,7 +197,7 @@ def test_classifier_and_samples_are_written_whole_or_not_at_all(tmp_path, monkey
     with pytest.raises(OSError, match="simulated"):
         save_classifier(torch.nn.Linear(3, 2), tmp_path / "classifier.safetensors")
     with pytest.raises(OSError, match="simulated"):
-        save_samples_png(images + 255, labels, ("a", "b"), tmp_path / "samples.png", per_class=2)
+        write_samples_png(images + 255, labels, ("a", "b"), tmp_path / "samples.png", per_class=2)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 

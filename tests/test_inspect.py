@@ -12,8 +12,8 @@ from fedfactory.cli import main
 from fedfactory.config import GeneratorConfig
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.client import train_client_module
-from fedfactory.federation.factory import load_registry, module_spec
 from fedfactory.generative.artifact import ModuleError, load_module, module_filename, read_manifest, save_module
+from fedfactory.registry import load_registry, module_spec
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def registry(tmp_path_factory):
     train, _ = load_dataset("digits", None, 8)
     cfg = GeneratorConfig(steps=2, batch_size=8, channels=8, latent_dim=4, mixture_components=2)
     for c in (0, 1):
-        tensors, manifest = train_client_module(train, 0, c, cfg, 0, torch.device("cpu"), progress=False)
+        manifest, tensors = train_client_module(train, 0, c, cfg, 0, torch.device("cpu"), progress=False)
         save_module(folder / module_filename(manifest["module_id"]), tensors, manifest)
     return folder
 

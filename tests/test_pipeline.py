@@ -5,16 +5,12 @@ import torch
 
 from fedfactory.cli import main
 from fedfactory.config import load_config, to_toml
+from fedfactory.data.datasets import load_data
+from fedfactory.data.partition import split_clients
 from fedfactory.federation.client import train_client_module
-from fedfactory.federation.runner import (
-    RunDirError,
-    TrainingError,
-    load_data,
-    run,
-    save_classifier,
-    split_clients,
-)
+from fedfactory.federation.runner import TrainingError, run, save_classifier
 from fedfactory.generative.artifact import save_module
+from fedfactory.runs import RunDirError
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "macro_recall", "auroc",
                "per_class_accuracy", "confusion_matrix", "timings", "bytes", "reference"}
@@ -99,9 +95,9 @@ def test_a_module_lacking_optional_training_fields_is_retrained_not_a_traceback(
     cfg = load_config("tiny", [f"run.out={out}", "generator.steps=3", "reference.centralized=false"])
     (out / "modules").mkdir(parents=True)
     (out / "config.toml").write_text(to_toml(cfg))
-    train, _ = load_data(cfg)
-    rows = split_clients(cfg, train)[0]
-    tensors, manifest = train_client_module(train.subset(rows), 0, 0, cfg.generator, cfg.run.seed,
+    train, _ = load_data(cfg.data)
+    rows = split_clients(cfg.data, cfg.run.seed, train)[0]
+    manifest, tensors = train_client_module(train.subset(rows), 0, 0, cfg.generator, cfg.run.seed,
                                             torch.device("cpu"), progress=False)
     del manifest["training"]["batch_size"]
     save_module(out / "modules" / "client-000_class-000.safetensors", tensors, manifest)

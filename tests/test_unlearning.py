@@ -10,9 +10,10 @@ import pytest
 
 from fedfactory.cli import main
 from fedfactory.config import load_config
+from fedfactory.data.datasets import load_data
 from fedfactory.device import select_device
 from fedfactory.federation.client import train_client_module
-from fedfactory.federation.runner import load_data, run
+from fedfactory.federation.runner import run
 from fedfactory.federation.unlearning import unlearn
 from fedfactory.generative.artifact import save_module
 from fedfactory.runs import sha256_file
@@ -181,9 +182,9 @@ def test_verification_catches_a_module_that_a_from_scratch_run_would_not_train(s
     forged = tmp_path / "forged"
     shutil.copytree(silos, forged)
     cfg = load_config(str(forged / "config.toml"))
-    train, _ = load_data(cfg)
+    train, _ = load_data(cfg.data)
     client = train.subset(np.asarray(read_json(forged / "partition.json")["indices"][2]))
-    tensors, manifest = train_client_module(client, 2, 2, cfg.generator, 1, select_device("cpu"), progress=False)
+    manifest, tensors = train_client_module(client, 2, 2, cfg.generator, 1, select_device("cpu"), progress=False)
     save_module(forged / "modules" / "client-002_class-002.safetensors", tensors, manifest)
 
     assert main(["unlearn", str(forged), "--client", "0", "--verify", "--out", str(tmp_path / "u")]) == 1

@@ -54,8 +54,8 @@ def cmd_unlearn(args) -> int:
 
 def check_module_file(path: Path, in_registry: bool) -> tuple[dict | None, str | None]:
     """(manifest or None, refusal or None) for one module file, checked as load_registry checks it."""
-    from fedfactory.federation.factory import module_spec
-    from fedfactory.generative.artifact import load_module, module_filename, read_manifest
+    from fedfactory.generative.artifact import load_module, read_manifest
+    from fedfactory.registry import load_registry_file, module_spec
 
     try:
         # Header only, so a module refused later (a hash mismatch, say) still shows what it claims to be.
@@ -63,11 +63,9 @@ def check_module_file(path: Path, in_registry: bool) -> tuple[dict | None, str |
     except ModuleError:
         manifest = None  # load_module refuses it too and says why
     try:
-        manifest, _ = load_module(path, expected=module_spec)
+        manifest = load_registry_file(path).manifest if in_registry else load_module(path, expected=module_spec)[0]
     except ModuleError as e:
         return manifest, str(e)
-    if in_registry and path.name != module_filename(manifest["module_id"]):
-        return manifest, f"{path}: file name does not match module id {manifest['module_id']}; rename or remove it"
     return manifest, None
 
 
@@ -78,7 +76,7 @@ def _printable(text: str) -> str:
 
 def inspect_registry(directory: Path) -> int:
     """One row per module file of a registry directory, then the verdict of load_registry itself."""
-    from fedfactory.federation.factory import load_registry
+    from fedfactory.registry import load_registry
 
     paths = sorted(directory.glob("*.safetensors"))
     others = sorted(p.name for p in directory.iterdir() if p not in paths)

@@ -27,11 +27,13 @@ from matplotlib.image import imsave
 
 from fedfactory import __version__
 from fedfactory.config import Config, load_config
+from fedfactory.data.datasets import load_data
+from fedfactory.data.partition import implied_cells
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.factory import module_spec
-from fedfactory.generative.artifact import ModuleError, load_module, module_id
+from fedfactory.generative.artifact import ModuleError, module_id
 from fedfactory.generative.train import sample_module
-from fedfactory.runs import atomic_write_text
+from fedfactory.registry import load_registry_file
+from fedfactory.runs import atomic_write_bytes, atomic_write_text
 
 REPORT_NAME = "report.html"
 RUN_PIECES = ("config.toml", "partition.json", "metrics.json", "modules")
@@ -105,8 +107,7 @@ def read_run(run_dir: Path) -> RunFiles:
 
 def expected_modules(partition: dict, min_samples: int = 1) -> list[str]:
     """Module ids the partition implies: one per (client, class) cell with at least min_samples real images."""
-    hist = np.asarray(partition["histogram"], dtype=np.int64)
-    return [module_id(int(k), int(c)) for k, c in zip(*np.nonzero(hist >= min_samples), strict=True)]
+    return [module_id(k, c) for k, c in implied_cells(partition["histogram"], min_samples)]
 
 
 # HTML and figure helpers.
@@ -309,11 +310,8 @@ def real_images(run: RunFiles, per_module: int) -> tuple[dict[str, np.ndarray], 
     """Module id -> up to `per_module` real training images of that client and class, with a note on failure."""
     if run.config is None or run.partition is None:
         return {}, "Real images need config.toml and partition.json."
-    # Imported here: the runner imports this module to write the report at the end of a run.
-    from fedfactory.federation.runner import load_data
-
     try:
-        train, _ = load_data(run.config)
+        train, _ = load_data(run.config.data)
     except (ValueError, OSError) as e:
         return {}, f"Real images are not shown: the dataset did not load ({e})."
     out = {}
@@ -331,7 +329,7 @@ def module_card(path: Path, seed: int, per_module: int, device: torch.device, pl
     """One module: its manifest facts, a grid of its first synthetic images and, if given, real ones."""
     size = path.stat().st_size
     try:
-        manifest, tensors = load_module(path, expected=module_spec)
+        manifest, tensors = load_registry_file(path)
     except ModuleError as e:
         return f'<div class="card refused"><h3>{esc(path.stem)}</h3>{note(f"refused: {e}")}</div>'
     # Sampling builds a network, which draws its init from the global generator; keep the caller's state.
@@ -573,6 +571,27 @@ def render_report(run_dir: Path, show_real: bool = False, device: torch.device |
             + "\n".join(s for s in sections if s)
             + f"\n<footer>Written by fedfactory {esc(__version__)} from {esc(run_dir.resolve())}.</footer>"
             "</body></html>\n")
+
+
+def write_samples_png(images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], path: Path,
+                     per_class: int = 10) -> None:
+    """samples.png: a grid with one row of synthetic samples per class, written atomically."""
+    fig = Figure(figsize=(per_class * 0.6, len(class_names) * 0.6 + 0.2))
+    axes = fig.subplots(len(class_names), per_class)
+    axes = np.atleast_2d(axes)
+    for c, name in enumerate(class_names):
+        rows = np.flatnonzero(labels == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.axis("off")
+            if j < len(rows):
+                picture = images[rows[j]]
+                ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=255)
+        axes[c, 0].set_title(name, fontsize=6, loc="left")
+    fig.tight_layout(pad=0.1)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_report(run_dir: str | Path, show_real: bool = False, device: torch.device | None = None,

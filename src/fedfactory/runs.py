@@ -1,14 +1,24 @@
-"""Run directory I/O: atomic writes and file hashes."""
+"""The run directory: its lifecycle (refuse, create or resume it; log to it), atomic writes and file hashes."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedfactory.config import Config, ConfigError, config_hash, load_config, to_toml
+from fedfactory.errors import FedFactoryError
+
+log = logging.getLogger("fedfactory")
 
 _HASH_CHUNK_BYTES = 1 << 20
 _TEMP_TOKEN_HEX = 16  # hex digits of the random part of a temp name
@@ -84,3 +94,102 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class RunDirError(FedFactoryError, ValueError):
+    """The run directory belongs to a different config or cannot be used."""
+
+
+@dataclass
+class Timer:
+    """Seconds per phase of a run (metrics.json's timings), and when the run started."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
+
+
+def has_results(out: Path) -> bool:
+    """Whether a run directory holds anything a run computed: a module, a classifier or metrics."""
+    return ((out / "metrics.json").exists() or (out / "classifier.safetensors").exists()
+            or any((out / "modules").glob("*.safetensors")))
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Refuse run.out if it holds results of a different config (or results with no readable config.toml).
+
+    A directory with a different (or unreadable, or missing) config.toml is refused as soon as it holds results,
+    so two configs never mix; one without results (a run that failed before its first module) may be taken over.
+    """
+    out = Path(cfg.run.out)
+    saved = out / "config.toml"
+    fix = f"choose another run.out or delete {out}"
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"run.out={out} is a file, not a directory; choose another run.out")
+    if out.exists() and has_results(out):
+        if not saved.is_file():
+            raise RunDirError(f"{out} holds results but no config.toml to match them to this config; {fix}")
+        try:
+            same = config_hash(load_config(str(saved))) == config_hash(cfg)
+        except ConfigError as e:
+            raise RunDirError(f"{saved} is not a config this fedfactory reads ({e}); {fix}") from None
+        if not same:
+            raise RunDirError(f"{out} holds a run with a different config; {fix}")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create runs/<name>/ or reuse it when its config.toml equals this config (check_run_dir); write config.toml.
+
+    Temp files of writes cut short by a kill are deleted: one run per directory at a time.
+    """
+    check_run_dir(cfg)
+    out = Path(cfg.run.out)
+    saved = out / "config.toml"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "modules").mkdir(exist_ok=True)
+    for folder in (out, *sorted(p for p in out.iterdir() if p.is_dir())):  # modules/, experts/, ...
+        for name in remove_stale_temp_files(folder):
+            log.info("removed %s, left by an interrupted write", folder / name)
+    atomic_write_text(saved, to_toml(cfg))
+    return out
+
+
+def setup_logging(out: Path) -> None:
+    """Log to stdout and to <run>/log.txt (appending, so a resumed run keeps its history)."""
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(), logging.FileHandler(out / "log.txt")):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.propagate = False
+
+
+def provenance(script: str | os.PathLike, argv: list[str]) -> dict:
+    """Where a result comes from: the command line and the git commit of the script's checkout (and whether
+    tracked files differed from it), so a number can be traced to the code that produced it."""
+    script = Path(script).resolve()
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(script.parent), *args], capture_output=True, text=True,
+                                  timeout=30, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None  # no git, or not a checkout (an installed copy): the command is still recorded
+        return done.stdout.strip()
+
+    top = git("rev-parse", "--show-toplevel")
+    name = str(script.relative_to(top)) if top and script.is_relative_to(top) else script.name
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"command": shlex.join(["python", name, *argv]), "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status)}
+
+
+def provenance_line(p: dict) -> str:
+    """provenance() as one Markdown line for a results file."""
+    commit = f"`{p['git_commit'][:12]}`" if p["git_commit"] else "unknown (not a git checkout)"
+    return f"Command: `{p['command']}` at commit {commit}" + (" with uncommitted changes" if p["git_dirty"] else "")

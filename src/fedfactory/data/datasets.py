@@ -11,10 +11,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedfactory.errors import FedFactoryError
+
+if TYPE_CHECKING:
+    from fedfactory.config import DataConfig
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "medmnist:<subset>", "isic2019")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -575,3 +579,8 @@ def load_dataset(
             resize(test.images, image_size), test.labels, test.class_names, test.name, test.groups
         )
     return train, test
+
+
+def load_data(cfg: DataConfig) -> tuple[ImageDataset, ImageDataset]:
+    """(train, test) of the dataset a run's data config names."""
+    return load_dataset(cfg.dataset, cfg.root or None, cfg.image_size)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from fedfactory.errors import FedFactoryError
+from fedfactory.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedfactory.config import DataConfig
+    from fedfactory.data.datasets import ImageDataset
 
 SCHEMES = ("iid", "pathological", "dirichlet", "natural")
 
@@ -168,6 +175,17 @@ def partition(
                 "or use a scheme that gives every client data"
             )
     return result
+
+
+def split_clients(cfg: DataConfig, root_seed: int, train: ImageDataset) -> list[np.ndarray]:
+    """A run's partition of the training rows among its clients, seeded by ("partition",)."""
+    try:
+        return partition(train.labels, cfg.partition, cfg.num_clients, derive_seed(root_seed, "partition"),
+                         num_classes=train.num_classes, classes_per_client=cfg.classes_per_client,
+                         alpha=cfg.alpha, min_partition_size=cfg.min_partition_size, groups=train.groups)
+    except PartitionError as e:
+        valid = [s for s in SCHEMES if s != "natural" or train.groups is not None]
+        raise PartitionError(f"{e} (valid data.partition values for {train.name}: {', '.join(valid)})") from None
 
 
 def class_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

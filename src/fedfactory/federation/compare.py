@@ -30,15 +30,12 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from fedfactory.config import Config, apply, config_hash
-from fedfactory.data.datasets import ImageDataset
-from fedfactory.data.partition import SCHEMES, PartitionError
-from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation import runner
 from fedfactory.federation.baselines import HEADLINE, run_baseline
-from fedfactory.federation.factory import load_registry
+from fedfactory.registry import load_registry
 from fedfactory.report import write_report
-from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_run_dir
 
 log = logging.getLogger("fedfactory")
 
@@ -64,15 +61,6 @@ def parse_methods(text: str | list[str] | None) -> list[str]:
     if len(set(names)) != len(names):
         raise CompareError(f"--methods names a method twice: {','.join(names)}")
     return names
-
-
-def client_partition(cfg: Config, train: ImageDataset) -> list:
-    """split_clients, with the partition schemes this dataset supports named when it refuses."""
-    try:
-        return runner.split_clients(cfg, train)
-    except PartitionError as e:
-        valid = [s for s in SCHEMES if s != "natural" or train.groups is not None]
-        raise CompareError(f"{e} (valid data.partition values for {train.name}: {', '.join(valid)})") from None
 
 
 def read_comparison(out: Path, chash: str) -> dict:
@@ -109,7 +97,7 @@ def link_modules(source: Path, target: Path) -> None:
 
 def run_factory(cfg: Config, mode: str, train, test, parts, out: Path, device, doc: dict) -> dict:
     """Train (or reuse) every module, then run the server or local stage; returns the comparison row."""
-    timer = runner.Timer()
+    timer = Timer()
     runner.train_all_modules(cfg, train, parts, out, device, timer)
     if "client_training" in timer.timings:
         doc["module_training_s"] = round((doc["module_training_s"] or 0.0) + timer.timings["client_training"], 3)
@@ -118,16 +106,13 @@ def run_factory(cfg: Config, mode: str, train, test, parts, out: Path, device, d
     if mode != cfg.classifier.mode:
         target = out / f"factory-{mode}"
         stage_cfg = apply(cfg, {"classifier.mode": mode, "run.out": str(target)})
-        runner.prepare_run_dir(stage_cfg)
+        prepare_run_dir(stage_cfg)
         link_modules(out / "modules", target / "modules")
         runner.write_partition(stage_cfg, train, parts, target)
 
-    registry = load_registry(out / "modules")
-    stage_timer = runner.Timer()
-    if mode == "server":
-        metrics = runner.server_stage(stage_cfg, registry, train, test, target, device, stage_timer)
-    else:
-        metrics = runner.local_stage(stage_cfg, registry, parts, train, test, target, device, stage_timer)
+    stage_timer = Timer()
+    metrics = runner.factory_stage(stage_cfg, load_registry(out / "modules"), parts, train, test, target, device,
+                                   stage_timer)
     # The stage's own work; the centralized reference it may train is the "centralized" row's business.
     stage_s = sum(stage_timer.timings.get(k, 0.0) for k in ("synthesis", "classifier", "evaluation"))
     b = metrics["bytes"]
@@ -261,15 +246,10 @@ def save(out: Path, doc: dict, cfg: Config) -> None:
 def compare(cfg: Config, methods: list[str] | str | None = None) -> dict:
     """Run the chosen methods on cfg's partition and seed into run.out; returns the comparison document."""
     methods = parse_methods(methods)
-    # Everything that can refuse the request runs before the run directory is touched.
-    train, test = runner.load_data(cfg)
-    parts = client_partition(cfg, train)
-    out = runner.prepare_run_dir(cfg)
-    runner.setup_logging(out)
-    device = select_device(cfg.run.device, cfg.run.threads)
+    # The same opening as `fedfactory run`: every refusal comes before the run directory is touched.
+    out, device, _, train, test, parts = runner.start_run(cfg, kind="compare")
     chash = config_hash(cfg)
-    log.info("compare %s on %s, config %s: %s", out, device, chash[:12], ", ".join(methods))
-    runner.write_partition(cfg, train, parts, out)
+    log.info("methods: %s", ", ".join(methods))
 
     doc = read_comparison(out, chash)
     for method in methods:

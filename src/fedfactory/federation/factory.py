@@ -1,29 +1,20 @@
-"""The server's factory: a registry of module files, class-balanced synthesis, classifier training."""
-
-from pathlib import Path
+"""The factory's rules: whether a module was trained as asked, class-balanced synthesis, the local training set,
+the product of experts, and the bytes each client sends and receives."""
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from fedfactory.config import Config
+from fedfactory.data.datasets import ImageDataset
 from fedfactory.errors import FedFactoryError
-from fedfactory.generative.artifact import ModuleError, load_module, module_filename
-from fedfactory.generative.train import expected_tensors, sample_module
+from fedfactory.generative.train import sample_module
+from fedfactory.registry import Module
 from fedfactory.seeding import derive_seed
 
 
 class SynthesisError(FedFactoryError, ValueError):
     """The modules cannot make a synthetic set: none at all, or image shapes that disagree."""
-
-
-def module_spec(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The `expected` callback for artifact validation: a bad network config is a refused module."""
-    try:
-        return expected_tensors(manifest)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModuleError(f"module {manifest.get('module_id')}: network config does not define a valid network "
-                          f"({e})") from None
 
 
 def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
@@ -37,18 +28,6 @@ def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
     if t.get("seed") != seed:
         return f"trained with seed {t.get('seed')}, the run derives {seed}"
     return None
-
-
-def load_registry(modules_dir: Path) -> list[tuple[dict, dict[str, torch.Tensor]]]:
-    """Load and validate every module in a directory (the registry is the directory), sorted by module id."""
-    modules = []
-    for path in sorted(Path(modules_dir).glob("*.safetensors")):
-        manifest, tensors = load_module(path, expected=module_spec)
-        if path.name != module_filename(manifest["module_id"]):
-            raise ModuleError(f"{path}: file name does not match module id {manifest['module_id']}; "
-                              "rename or remove it")
-        modules.append((manifest, tensors))
-    return modules
 
 
 def allocate(counts: list[int], total: int) -> list[int]:
@@ -74,7 +53,7 @@ def plan_synthesis(manifests: list[dict], num_classes: int, samples_per_class: i
     return plan
 
 
-def synthesize(modules: list[tuple[dict, dict[str, torch.Tensor]]], num_classes: int, samples_per_class: int,
+def synthesize(modules: list[Module], num_classes: int, samples_per_class: int,
                root_seed: int, device: torch.device, batch_size: int = 500,
                progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """A class-balanced synthetic set as uint8 images (N, H, W, C) and int64 labels, plus the plan used."""
@@ -97,3 +76,51 @@ def synthesize(modules: list[tuple[dict, dict[str, torch.Tensor]]], num_classes:
         labels[start:start + n] = manifest["class_id"]
         start += n
     return images, labels, plan
+
+
+def local_training_set(client: ImageDataset, modules: list[Module], samples_per_class: int, root_seed: int,
+                       device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """A client's training set in local mode: all its real images, plus, for every class it holds fewer than
+    samples_per_class real images of, synthetic images up to samples_per_class.
+
+    A class it lacks is synthesized from the other clients' modules of that class; a class it holds partially is
+    topped up from every module of that class it has (the others' and its own), in both cases by `synthesize`,
+    mixed in proportion to the modules' real counts n_{k,c}. A class it holds at least samples_per_class real
+    images of gets no synthetic images.
+    """
+    counts = np.bincount(client.labels, minlength=client.num_classes)
+    images, labels, plan = [client.images], [client.labels], {}
+    for c in range(client.num_classes):
+        donors = [m for m in modules if m.manifest["class_id"] == c]
+        need = samples_per_class - int(counts[c])
+        if need <= 0 or not donors:
+            continue
+        imgs, labs, part = synthesize(donors, client.num_classes, need, root_seed, device, batch_size, progress=False)
+        images.append(imgs)
+        labels.append(labs)
+        plan |= {mid: n for mid, n in part.items() if n}
+    return np.concatenate(images), np.concatenate(labels), plan
+
+
+def product_of_experts(log_probs: list[np.ndarray]) -> np.ndarray:
+    """Class probabilities (N, C) of a product of experts from each expert's log-probabilities (N, C).
+
+    p(y | x) is proportional to prod_k p_k(y | x): sum the log-softmax outputs, then normalise with a
+    log-sum-exp (shifting by the row maximum first), so very confident experts cannot overflow or underflow.
+    """
+    total = np.sum(np.stack(log_probs), axis=0, dtype=np.float64)
+    total -= total.max(axis=1, keepdims=True)
+    return np.exp(total - np.log(np.exp(total).sum(axis=1, keepdims=True)))
+
+
+def bytes_per_client(manifests: list[dict], sizes: dict[str, int], receivers: list[int] | None = None) -> dict:
+    """What crosses the wire, from the module file sizes (module id -> bytes): each client uploads its own modules;
+    in local mode every client in `receivers` also downloads every other client's modules (its own never travel)."""
+    up: dict[str, int] = {}
+    for m in manifests:
+        up[str(m["client_id"])] = up.get(str(m["client_id"]), 0) + sizes[m["module_id"]]
+    doc = {"per_module": sizes, "per_client": up, "total_up": sum(sizes.values())}
+    if receivers is not None:
+        down = {str(k): sum(sizes[m["module_id"]] for m in manifests if m["client_id"] != k) for k in receivers}
+        doc |= {"down_per_client": down, "total_down": sum(down.values())}
+    return doc

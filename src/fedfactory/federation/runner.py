@@ -1,14 +1,13 @@
 """The in-process runner: every client and the server in one process, writing one run directory.
 
-Stages, each a call into the client or factory functions that the Flower apps call too:
+Orchestration only: each stage is a call into the client, factory and classifier functions that compare,
+unlearning and the Flower apps call too:
 load data -> partition -> client modules (G_{k,c}, one file each) -> synthesis -> classifier -> evaluation.
 """
 
-import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,105 +15,27 @@ import torch
 from safetensors.torch import save
 
 from fedfactory.classifier import predict_log_proba, predict_proba, train_classifier
-from fedfactory.config import Config, config_hash, to_toml
-from fedfactory.data.datasets import ImageDataset, load_dataset
-from fedfactory.data.partition import class_histogram, format_histogram, partition
+from fedfactory.config import Config, config_hash
+from fedfactory.data.datasets import ImageDataset, load_data
+from fedfactory.data.partition import class_histogram, format_histogram, split_clients
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.client import held_classes, train_client_module
-from fedfactory.federation.factory import load_registry, module_spec, synthesize, trained_as_asked
-from fedfactory.generative.artifact import ModuleError, load_module, module_filename, module_id, save_module
+from fedfactory.federation.client import held_classes, train_client_modules
+from fedfactory.federation.factory import (
+    bytes_per_client,
+    local_training_set,
+    product_of_experts,
+    synthesize,
+    trained_as_asked,
+)
+from fedfactory.generative.artifact import ModuleError, module_filename, save_module
 from fedfactory.metrics import evaluate, format_table
-from fedfactory.report import write_report
-from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temp_files
+from fedfactory.registry import Module, load_registry, load_registry_file
+from fedfactory.report import write_report, write_samples_png
+from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging
 from fedfactory.seeding import derive_seed
 
 log = logging.getLogger("fedfactory")
-
-
-class RunDirError(FedFactoryError, ValueError):
-    """The run directory belongs to a different config or cannot be used."""
-
-
-@dataclass
-class Timer:
-    timings: dict[str, float] = field(default_factory=dict)
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
-
-
-def has_results(out: Path) -> bool:
-    """Whether a run directory holds anything a run computed: a module, a classifier or metrics."""
-    return ((out / "metrics.json").exists() or (out / "classifier.safetensors").exists()
-            or any((out / "modules").glob("*.safetensors")))
-
-
-def check_run_dir(cfg: Config) -> None:
-    """Refuse run.out if it holds results of a different config (or results with no readable config.toml).
-
-    A directory with a different (or unreadable, or missing) config.toml is refused as soon as it holds results,
-    so two configs never mix; one without results (a run that failed before its first module) may be taken over.
-    """
-    from fedfactory.config import ConfigError, load_config
-
-    out = Path(cfg.run.out)
-    saved = out / "config.toml"
-    fix = f"choose another run.out or delete {out}"
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"run.out={out} is a file, not a directory; choose another run.out")
-    if out.exists() and has_results(out):
-        if not saved.is_file():
-            raise RunDirError(f"{out} holds results but no config.toml to match them to this config; {fix}")
-        try:
-            same = config_hash(load_config(str(saved))) == config_hash(cfg)
-        except ConfigError as e:
-            raise RunDirError(f"{saved} is not a config this fedfactory reads ({e}); {fix}") from None
-        if not same:
-            raise RunDirError(f"{out} holds a run with a different config; {fix}")
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create runs/<name>/ or reuse it when its config.toml equals this config (check_run_dir); write config.toml.
-
-    Temp files of writes cut short by a kill are deleted: one run per directory at a time.
-    """
-    check_run_dir(cfg)
-    out = Path(cfg.run.out)
-    saved = out / "config.toml"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "modules").mkdir(exist_ok=True)
-    for folder in (out, *sorted(p for p in out.iterdir() if p.is_dir())):  # modules/, experts/, ...
-        for name in remove_stale_temp_files(folder):
-            log.info("removed %s, left by an interrupted write", folder / name)
-    atomic_write_text(saved, to_toml(cfg))
-    return out
-
-
-def setup_logging(out: Path) -> None:
-    """Log to stdout and to <run>/log.txt (appending, so a resumed run keeps its history)."""
-    log.setLevel(logging.INFO)
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(), logging.FileHandler(out / "log.txt")):
-        h.setFormatter(fmt)
-        log.addHandler(h)
-    log.propagate = False
-
-
-def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
-    return load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.image_size)
-
-
-def split_clients(cfg: Config, train: ImageDataset) -> list[np.ndarray]:
-    """The partition of the training rows among clients, seeded by ("partition",)."""
-    d = cfg.data
-    return partition(train.labels, d.partition, d.num_clients, derive_seed(cfg.run.seed, "partition"),
-                     num_classes=train.num_classes, classes_per_client=d.classes_per_client, alpha=d.alpha,
-                     min_partition_size=d.min_partition_size, groups=train.groups)
 
 
 def write_partition(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path) -> None:
@@ -132,7 +53,7 @@ def reusable_module(path: Path, cfg: Config) -> bool:
     if not path.exists():
         return False
     try:
-        manifest, _ = load_module(path, expected=module_spec)
+        manifest = load_registry_file(path).manifest
     except ModuleError as e:
         log.info("retraining %s: %s", path.name, e)
         return False
@@ -147,25 +68,27 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
     """Every client trains its modules; each is written atomically to the registry directory."""
     for k, rows in enumerate(parts):
         client = train.subset(rows)
-        counts = held_classes(client)
-        held = {c: n for c, n in counts.items() if n >= cfg.generator.min_samples}
-        few = {c: n for c, n in counts.items() if c not in held}
+        enough = held_classes(client, cfg.generator.min_samples)
+        few = {c: n for c, n in held_classes(client).items() if c not in enough}
         if few:
             log.info("client %d: no module for %s (fewer than generator.min_samples=%d images)", k,
                      ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
-        for c, n in held.items():
-            path = out / "modules" / module_filename(module_id(k, c))
-            if reusable_module(path, cfg):
-                log.info("reusing %s (hash checked)", path.name)
-                continue
-            t0 = time.perf_counter()
-            tensors, manifest = train_client_module(client, k, c, cfg.generator, cfg.run.seed, device,
-                                                    progress=cfg.run.progress)
+
+        def reuse(mid: str) -> bool:
+            if reusable_module(out / "modules" / module_filename(mid), cfg):
+                log.info("reusing %s (hash checked)", module_filename(mid))
+                return True
+            return False
+
+        t0 = time.perf_counter()
+        for manifest, tensors in train_client_modules(client, k, cfg, device, skip=reuse):
+            path = out / "modules" / module_filename(manifest["module_id"])
             save_module(path, tensors, manifest)
             dt = time.perf_counter() - t0
             timer.add("client_training", dt)
-            log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, c, client.class_names[c],
-                     n, cfg.generator.steps, dt, path.stat().st_size)
+            log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, manifest["class_id"],
+                     manifest["class_name"], manifest["num_samples"], cfg.generator.steps, dt, path.stat().st_size)
+            t0 = time.perf_counter()
 
 
 class TrainingError(FedFactoryError, ValueError):
@@ -183,33 +106,7 @@ def save_classifier(model: torch.nn.Module, path: Path) -> None:
     atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
-def save_samples_png(images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], path: Path,
-                     per_class: int = 10) -> None:
-    """A grid with one row of synthetic samples per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(class_names), per_class, figsize=(per_class * 0.6, len(class_names) * 0.6 + 0.2))
-    axes = np.atleast_2d(axes)
-    for c, name in enumerate(class_names):
-        rows = np.flatnonzero(labels == c)[:per_class]
-        for j in range(per_class):
-            ax = axes[c, j]
-            ax.axis("off")
-            if j < len(rows):
-                img = images[rows[j]]
-                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-        axes[c, 0].set_title(name, fontsize=6, loc="left")
-    fig.tight_layout(pad=0.1)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def input_blur(cfg: Config, modules: list) -> float:
+def input_blur(cfg: Config, modules: list[Module]) -> float:
     """The classifier's input low-pass sigma: the mean of the blur the clients measured, if matching is on."""
     sigmas = [m["training"].get("blur_sigma", 0.0) for m, _ in modules]
     return round(float(np.mean(sigmas)), 4) if cfg.classifier.match_sharpness and sigmas else 0.0
@@ -242,7 +139,7 @@ def write_metrics(cfg: Config, metrics: dict, rows: list[tuple[str, dict]], out:
     return table
 
 
-def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDataset, out: Path,
+def server_stage(cfg: Config, modules: list[Module], train: ImageDataset, test: ImageDataset, out: Path,
                  device: torch.device, timer: Timer) -> dict:
     """Synthesize a class-balanced set from the modules, train the classifier, evaluate it; write the results.
 
@@ -253,7 +150,7 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
                                       device, cfg.synthesis.batch_size, progress=cfg.run.progress)
     timer.add("synthesis", time.perf_counter() - t0)
     log.info("synthesized %d images from %d modules in %.1fs", len(images), len(modules), timer.timings["synthesis"])
-    save_samples_png(images, labels, train.class_names, out / "samples.png")
+    write_samples_png(images, labels, train.class_names, out / "samples.png")
 
     blur = input_blur(cfg, modules)
     t0 = time.perf_counter()
@@ -272,13 +169,10 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
     rows = [("factory-server", metrics)] + centralized_reference(cfg, train, test, device, timer, blur, metrics)
 
     sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
-    per_client: dict[str, int] = {}
-    for m, _ in modules:
-        per_client[str(m["client_id"])] = per_client.get(str(m["client_id"]), 0) + sizes[m["module_id"]]
     present = {m["class_id"] for m, _ in modules}
     metrics |= {
         "timings": timer.timings,
-        "bytes": {"per_module": sizes, "per_client": per_client, "total_up": sum(sizes.values())},
+        "bytes": bytes_per_client([m for m, _ in modules], sizes),
         "synthesis_plan": plan,
         "modules": sorted(sizes),
         "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in present],
@@ -291,46 +185,11 @@ def server_stage(cfg: Config, modules: list, train: ImageDataset, test: ImageDat
     return metrics
 
 
-def product_of_experts(log_probs: list[np.ndarray]) -> np.ndarray:
-    """Class probabilities (N, C) of a product of experts from each expert's log-probabilities (N, C).
-
-    p(y | x) is proportional to prod_k p_k(y | x): sum the log-softmax outputs, then normalise with a
-    log-sum-exp (shifting by the row maximum first), so very confident experts cannot overflow or underflow.
-    """
-    total = np.sum(np.stack(log_probs), axis=0, dtype=np.float64)
-    total -= total.max(axis=1, keepdims=True)
-    return np.exp(total - np.log(np.exp(total).sum(axis=1, keepdims=True)))
-
-
 def expert_path(out: Path, client_id: int) -> Path:
     return out / "experts" / f"client-{client_id:03d}.safetensors"
 
 
-def local_training_set(client: ImageDataset, modules: list, samples_per_class: int, root_seed: int,
-                       device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """A client's training set in local mode: all its real images, plus, for every class it holds fewer than
-    samples_per_class real images of, synthetic images up to samples_per_class.
-
-    A class it lacks is synthesized from the other clients' modules of that class; a class it holds partially is
-    topped up from every module of that class it has (the others' and its own), in both cases by
-    `factory.synthesize`, mixed in proportion to the modules' real counts n_{k,c}. A class it holds at least
-    samples_per_class real images of gets no synthetic images.
-    """
-    counts = np.bincount(client.labels, minlength=client.num_classes)
-    images, labels, plan = [client.images], [client.labels], {}
-    for c in range(client.num_classes):
-        donors = [(m, t) for m, t in modules if m["class_id"] == c]
-        need = samples_per_class - int(counts[c])
-        if need <= 0 or not donors:
-            continue
-        imgs, labs, part = synthesize(donors, client.num_classes, need, root_seed, device, batch_size, progress=False)
-        images.append(imgs)
-        labels.append(labs)
-        plan |= {mid: n for mid, n in part.items() if n}
-    return np.concatenate(images), np.concatenate(labels), plan
-
-
-def local_stage(cfg: Config, modules: list, parts: list[np.ndarray], train: ImageDataset, test: ImageDataset,
+def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], train: ImageDataset, test: ImageDataset,
                 out: Path, device: torch.device, timer: Timer, modules_dir: Path | None = None) -> dict:
     """Local mode: each client with data trains an expert on its real data and the modules it receives (every
     other client's); the experts' predictions are combined as a product of experts. Writes experts/ and
@@ -340,13 +199,11 @@ def local_stage(cfg: Config, modules: list, parts: list[np.ndarray], train: Imag
     sizes = {p.stem: p.stat().st_size for p in sorted(modules_dir.glob("*.safetensors"))}
     blur = input_blur(cfg, modules)
     (out / "experts").mkdir(exist_ok=True)
-    log_probs, plans, expert_accuracy, down = [], {}, {}, {}
-    for k, rows in enumerate(parts):
-        if len(rows) == 0:
-            continue  # a client whose every row was withdrawn has no data, no modules and no expert
-        client = train.subset(rows)
-        # Client k's own modules never travel; it receives every other client's.
-        down[str(k)] = sum(sizes[m["module_id"]] for m, _ in modules if m["client_id"] != k)
+    log_probs, plans, expert_accuracy = [], {}, {}
+    # A client whose every row was withdrawn has no data, no modules and no expert, and receives nothing.
+    experts = [k for k, rows in enumerate(parts) if len(rows)]
+    for k in experts:
+        client = train.subset(parts[k])
 
         t0 = time.perf_counter()
         images, labels, plans[str(k)] = local_training_set(client, modules, cfg.synthesis.samples_per_class,
@@ -376,15 +233,11 @@ def local_stage(cfg: Config, modules: list, parts: list[np.ndarray], train: Imag
 
     rows = [("factory-local", metrics)] + centralized_reference(cfg, train, test, device, timer, blur, metrics)
 
-    per_client: dict[str, int] = {}
-    for m, _ in modules:
-        per_client[str(m["client_id"])] = per_client.get(str(m["client_id"]), 0) + sizes[m["module_id"]]
     held = {c for rows_k in parts for c in np.unique(train.labels[rows_k]).tolist()}
     metrics |= {
         "mode": "local",
         "timings": timer.timings,
-        "bytes": {"per_module": sizes, "per_client": per_client, "total_up": sum(sizes.values()),
-                  "down_per_client": down, "total_down": sum(down.values())},
+        "bytes": bytes_per_client([m for m, _ in modules], sizes, receivers=experts),
         "synthesis_plan": plans,
         "expert_accuracy": expert_accuracy,
         "experts": sorted(expert_accuracy, key=int),
@@ -397,10 +250,19 @@ def local_stage(cfg: Config, modules: list, parts: list[np.ndarray], train: Imag
     return metrics
 
 
-def start_run(cfg: Config, kind: str = "run"):
+def factory_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], train: ImageDataset,
+                  test: ImageDataset, out: Path, device: torch.device, timer: Timer) -> dict:
+    """The stage that follows the clients for cfg's classifier mode: server_stage or local_stage."""
+    if cfg.classifier.mode == "local":
+        return local_stage(cfg, modules, parts, train, test, out, device, timer)
+    return server_stage(cfg, modules, train, test, out, device, timer)
+
+
+def start_run(cfg: Config, kind: str = "run") -> tuple[Path, torch.device, Timer, ImageDataset, ImageDataset,
+                                                       list[np.ndarray]]:
     """Open the run directory and its log, choose the device, load the data and write the partition.
 
-    Shared by the in-process runner and the Flower server; returns (out, device, timer, train, test, parts).
+    Shared by the in-process runner, compare and the Flower server; returns (out, device, timer, train, test, parts).
     """
     # Every refusal (run directory, dataset files, partition) comes before the first write: a run that cannot
     # start leaves no directory behind, and an existing one untouched.
@@ -408,8 +270,8 @@ def start_run(cfg: Config, kind: str = "run"):
     device = select_device(cfg.run.device, cfg.run.threads)
     timer = Timer()
     t0 = time.perf_counter()
-    train, test = load_data(cfg)
-    parts = split_clients(cfg, train)
+    train, test = load_data(cfg.data)
+    parts = split_clients(cfg.data, cfg.run.seed, train)
     timer.add("data", time.perf_counter() - t0)
     out = prepare_run_dir(cfg).resolve()
     setup_logging(out)
@@ -427,9 +289,6 @@ def run(cfg: Config) -> dict:
 
     # Server mode: validate the registry, synthesize, train and evaluate the classifier.
     # Local mode: every client trains an expert on its data and the modules it receives; experts are multiplied.
-    if cfg.classifier.mode == "local":
-        metrics = local_stage(cfg, load_registry(out / "modules"), parts, train, test, out, device, timer)
-    else:
-        metrics = server_stage(cfg, load_registry(out / "modules"), train, test, out, device, timer)
+    metrics = factory_stage(cfg, load_registry(out / "modules"), parts, train, test, out, device, timer)
     log.info("report: %s", write_report(out, device=device))
     return metrics

@@ -36,16 +36,16 @@ import torch
 from safetensors.torch import load_file
 
 from fedfactory.config import Config, apply, config_hash, load_config, to_toml
-from fedfactory.data.datasets import ImageDataset
+from fedfactory.data.datasets import ImageDataset, load_data
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.client import held_classes, train_client_module
-from fedfactory.federation.factory import load_registry
-from fedfactory.federation.runner import Timer, load_data, local_stage, server_stage, setup_logging
+from fedfactory.federation.client import train_client_modules
+from fedfactory.federation.runner import factory_stage
 from fedfactory.generative.artifact import module_filename, module_id, save_module, weights_sha256
+from fedfactory.registry import Module, load_registry
 from fedfactory.report import write_report
-from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, atomic_write_text, setup_logging, sha256_file
 
 log = logging.getLogger("fedfactory")
 
@@ -220,14 +220,6 @@ def trained_record(run_dir: Path, mode: str) -> dict:
     return classifier_record(run_dir / "classifier.safetensors")
 
 
-def factory_stage(cfg: Config, registry: list, parts: list[np.ndarray], train: ImageDataset, test: ImageDataset,
-                  out: Path, device: torch.device, timer: Timer) -> dict:
-    """The stage `run` ends with for cfg's classifier mode."""
-    if cfg.classifier.mode == "local":
-        return local_stage(cfg, registry, parts, train, test, out, device, timer)
-    return server_stage(cfg, registry, train, test, out, device, timer)
-
-
 def trained_difference(a_dir: Path, b_dir: Path, mode: str) -> dict | None:
     """first_difference of the classifiers, or of each expert (named in the answer), of two run directories."""
     if mode != "local":
@@ -281,7 +273,7 @@ def withdraw_rows(parts: list[np.ndarray], labels: np.ndarray, removed: list[dic
 
 
 def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, parts: list[np.ndarray],
-                        expected: dict[str, tuple[dict, dict]], unlearned_metrics: dict, unlearned_dir: Path,
+                        expected: dict[str, Module], unlearned_metrics: dict, unlearned_dir: Path,
                         device: torch.device) -> dict:
     """Rerun the pipeline from scratch on the withdrawn partition and compare it with the unlearned run."""
     t0 = time.perf_counter()
@@ -291,17 +283,14 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
         # Train every remaining (client, class) module with its own seed, as the original run did.
         trained, module_mismatches, module_difference = set(), [], None
         for k, rows in enumerate(parts):
-            client = train.subset(rows)
-            for c in held_classes(client, cfg.generator.min_samples):
-                tensors, manifest = train_client_module(client, k, c, cfg.generator, cfg.run.seed, device,
-                                                        progress=cfg.run.progress)
+            for manifest, tensors in train_client_modules(train.subset(rows), k, cfg, device):
                 full = save_module(tmp / "modules" / module_filename(manifest["module_id"]), tensors, manifest)
                 mid = full["module_id"]
                 trained.add(mid)
-                if mid not in expected or full["weights_sha256"] != expected[mid][0]["weights_sha256"]:
+                if mid not in expected or full["weights_sha256"] != expected[mid].manifest["weights_sha256"]:
                     module_mismatches.append(mid)
                     if module_difference is None and mid in expected:
-                        found = first_difference(expected[mid][1], tensors) or {"reason": "weights hash differs"}
+                        found = first_difference(expected[mid].tensors, tensors) or {"reason": "weights hash differs"}
                         module_difference = {"module_id": mid} | found
         missing = sorted(expected.keys() - trained)
         # The same synthesis, classifier and evaluation; the timer is the verification's own.
@@ -356,7 +345,7 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
 
         # Load the data and withdraw the removed modules' rows from the partition.
         t0 = time.perf_counter()
-        train, test = load_data(new_cfg)
+        train, test = load_data(new_cfg.data)
         parts = client_parts(partition_doc, train, cfg.data.num_clients)
         check_confusion(before, train.num_classes, run_dir)
         check_registry_matches(source, parts, train, cfg.generator.min_samples)
@@ -411,7 +400,7 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
         if verify:
             log.info("verifying: retraining %d modules from scratch without the removed ones", len(remaining))
             certificate["verification"] = verify_from_scratch(new_cfg, train, test, parts, {
-                m["module_id"]: (m, t) for m, t in registry}, after, stage, device)
+                m.manifest["module_id"]: m for m in registry}, after, stage, device)
             certificate["verified"] = certificate["verification"]["verified"]
             certificate["seconds"]["verify"] = certificate["verification"]["seconds"]
             log.info("verification %s: %s", "passed" if certificate["verified"] else "FAILED",

@@ -14,13 +14,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedfactory.config import Config, config_hash
-from fedfactory.data.datasets import ImageDataset
+from fedfactory.data.datasets import ImageDataset, load_data
+from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
-from fedfactory.federation.client import held_classes, train_client_module
-from fedfactory.federation.runner import load_data, split_clients
+from fedfactory.federation.client import train_client_modules
 from fedfactory.flower.run_config import parse_run_config
 from fedfactory.flower.wire import TASK, reply_content
-from fedfactory.generative.artifact import module_id, module_to_bytes
+from fedfactory.generative.artifact import module_to_bytes
 
 # Flower configures this logger in SuperNode and simulation processes, so these lines reach the node's console.
 log = logging.getLogger("flwr")
@@ -44,22 +44,15 @@ def node_partition(node_config: dict, num_clients: int) -> int:
 
 def local_data(cfg: Config, client_id: int) -> ImageDataset:
     """This node's training rows: the dataset loaded here, partition `client_id` taken with the run's seed."""
-    train, _ = load_data(cfg)
-    return train.subset(split_clients(cfg, train)[client_id])
+    train, _ = load_data(cfg.data)
+    return train.subset(split_clients(cfg.data, cfg.run.seed, train)[client_id])
 
 
 def train_modules(data: ImageDataset, client_id: int, cfg: Config, device: torch.device,
                   skip: frozenset[str] = frozenset()) -> dict[str, bytes]:
     """Module id -> module file bytes, for every held class not in `skip`."""
-    modules = {}
-    for c in held_classes(data, cfg.generator.min_samples):
-        mid = module_id(client_id, c)
-        if mid in skip:
-            continue
-        tensors, manifest = train_client_module(data, client_id, c, cfg.generator, cfg.run.seed, device,
-                                                progress=cfg.run.progress)
-        modules[mid], _ = module_to_bytes(tensors, manifest)
-    return modules
+    return {m.manifest["module_id"]: module_to_bytes(m.tensors, m.manifest)[0]
+            for m in train_client_modules(data, client_id, cfg, device, skip=skip.__contains__)}
 
 
 @app.train()

@@ -113,10 +113,6 @@ class Federation:
             stop_tree(proc)
         self.procs.clear()
 
-    def stop_node(self, index: int) -> None:
-        """Stop SuperNode `index` (0-based); it deregisters, so the SuperLink stops listing it."""
-        stop_tree(self.procs[1 + index])
-
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         with open(self.home / f"{name}.log", "ab") as logf:  # the child keeps its own descriptor
             proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=self.env,
@@ -137,8 +133,9 @@ class Federation:
         return self.flwr(["run", str(app_dir), CONNECTION, "--stream", "--run-config", str(run_config)], timeout_s,
                          log_name="run")
 
-    def wait_for_nodes(self, timeout_s: float = 120.0) -> None:
-        """Return once all SuperNodes are online (deployment only; the ServerApp waits for them anyway)."""
+    def wait_for_nodes(self, timeout_s: float = 120.0, count: int | None = None) -> None:
+        """Return once `count` (default all) SuperNodes are online (deployment only; the ServerApp waits anyway)."""
+        count = self.num_nodes if count is None else count
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             done = self.flwr(["supernode", "list", CONNECTION, "--format", "json"], timeout_s, log_name="setup")
@@ -146,10 +143,10 @@ class Federation:
                 nodes = json.loads(done.stdout).get("nodes", [])
             except json.JSONDecodeError:
                 nodes = []
-            if sum(n.get("status") == "online" for n in nodes) >= self.num_nodes:
+            if sum(n.get("status") == "online" for n in nodes) >= count:
                 return
             time.sleep(1)
-        raise TimeoutError(f"{self.num_nodes} SuperNodes not online after {timeout_s}s:\n{self.logs()}")
+        raise TimeoutError(f"{count} SuperNodes not online after {timeout_s}s:\n{self.logs()}")
 
     def logs(self, tail_chars: int = 3000) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-tail_chars:]}"
@@ -162,10 +159,11 @@ def venv_bin(name: str) -> str:
 
 
 def start(home: str | Path, num_nodes: int, simulation: bool, startup_timeout_s: float = 60.0,
-          num_cpus: int = 0) -> Federation:
+          num_cpus: int = 0, partitions: tuple[int, ...] | None = None) -> Federation:
     """Start a SuperLink (simulation or deployment) and, for deployment, `num_nodes` SuperNodes on loopback.
 
     Node k gets `--node-config "partition-id=k num-partitions=num_nodes"`; in simulation the engine sets them.
+    `partitions` starts only those SuperNodes (deployment), as if the others were down.
     """
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -188,7 +186,7 @@ def start(home: str | Path, num_nodes: int, simulation: bool, startup_timeout_s:
             if done.returncode != 0:
                 raise RuntimeError(f"flwr federation simulation-config failed:\n{done.stdout}{done.stderr}")
         else:
-            for k in range(num_nodes):
+            for k in range(num_nodes) if partitions is None else partitions:
                 fed._start(f"supernode-{k}", [
                     venv_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
                     "--port", str(free_port()), "--node-config", f"partition-id={k} num-partitions={num_nodes}"])

@@ -16,17 +16,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfactory.config import Config, ConfigError, config_hash
 from fedfactory.data.datasets import ImageDataset
+from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.client import held_classes
-from fedfactory.federation.factory import load_registry, module_spec, trained_as_asked
-from fedfactory.federation.runner import (
-    reusable_module,
-    server_stage,
-    start_run,
-)
+from fedfactory.federation.factory import trained_as_asked
+from fedfactory.federation.runner import factory_stage, reusable_module, start_run
 from fedfactory.flower.run_config import FlowerConfig, parse_run_config
 from fedfactory.flower.wire import CLIENT, MODULES, TRAIN, module_bytes, task_content, wire_bytes
 from fedfactory.generative.artifact import ModuleError, module_filename, module_from_bytes, module_id
+from fedfactory.registry import load_registry, module_spec
 from fedfactory.report import write_report
 from fedfactory.runs import atomic_write_bytes, atomic_write_json
 
@@ -51,9 +48,11 @@ class Collected:
 
 
 def expected_modules(train: ImageDataset, parts: list[np.ndarray], min_samples: int = 1) -> dict[int, list[str]]:
-    """Client id -> ids of the modules it should send: one per class its partition holds min_samples of."""
-    return {k: [module_id(k, c) for c in held_classes(train.subset(rows), min_samples)]
-            for k, rows in enumerate(parts)}
+    """Client id -> ids of the modules it should send: the cells of its partition that imply a module."""
+    expected: dict[int, list[str]] = {k: [] for k in range(len(parts))}
+    for k, c in implied_cells(class_histogram(train.labels, parts, train.num_classes), min_samples):
+        expected[k].append(module_id(k, c))
+    return expected
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float, poll_s: float = 0.5) -> list[int]:
@@ -209,7 +208,7 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     for k in report["failed_clients"]:
         lost = [mid for mid in report["missing_modules"] if mid.startswith(f"client-{k:03d}_")]
         log.info("client %d delivered no modules; missing: %s", k, ", ".join(lost) or "none (all reused)")
-    metrics = server_stage(cfg, modules, train, test, out, device, timer)
+    metrics = factory_stage(cfg, modules, parts, train, test, out, device, timer)
     # server_stage has written metrics.json; this atomic rewrite adds the keys only a federated run has.
     metrics |= report
     atomic_write_json(out / "metrics.json", metrics)
