@@ -52,6 +52,16 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text, text)
 
 
+def truncate_residual(manifest: dict, tensors: dict, rank: int) -> tuple[dict, dict]:
+    """The module with only its first `rank` residual directions (0 drops the residual model)."""
+    if rank > manifest["network"].get("residual_rank", 0):
+        raise SystemExit(f"--residual-rank {rank}: the modules were trained with a lower rank")
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("residual.") or rank}
+    if rank:
+        tensors["residual.basis"] = tensors["residual.basis"][:rank].contiguous()
+    return {**manifest, "network": {**manifest["network"], "residual_rank": rank}}, tensors
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--variant", required=True, help="name of the module set (cache key)")
@@ -62,6 +72,8 @@ def main():
     p.add_argument("--blur", default="", help="classifier input blur sigmas (default: the clients' mean)")
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per class")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--residual-rank", type=int, default=-1,
+                   help="keep only the first N residual directions (an exact SVD's truncation is the rank-N fit)")
     p.add_argument("--local", action="store_true", help="score local mode (product of experts) instead")
     p.add_argument("--classes", default="", help="only these classes (module timing only)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
@@ -103,6 +115,8 @@ def main():
         blurs.append(saved["manifest"]["training"].get("blur_sigma", 0.0))
     if args.classes:
         return
+    if args.residual_rank >= 0:
+        modules = [truncate_residual(m, t, args.residual_rank) for m, t in modules]
     t0 = time.perf_counter()
     images, labels, _ = synthesize(modules, train.num_classes, args.samples, 0, device, progress=False)
     sample_s = time.perf_counter() - t0
@@ -131,6 +145,7 @@ def main():
         m = evaluate(proba, val.labels, val.class_names)
         row = {"variant": args.variant, "generator": overrides, "classifier": cls,
                "mode": "local" if args.local else "server", "tag": args.tag,
+               "residual_rank": modules[0][0]["network"].get("residual_rank", 0),
                "blur": sigma, "clients_blur": blurs, "samples_per_class": args.samples, "epochs": args.epochs,
                "val_accuracy": round(m["accuracy"], 4),
                "per_class": [round(a, 3) for a in m["per_class_accuracy"].values()],
