@@ -11,7 +11,6 @@ writes benchmarks/results/compare-<name>.json and .md, each naming the command, 
 
 import argparse
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from fedfactory.config import config_hash, load_config, to_dict
 from fedfactory.federation.compare import compare, markdown, parse_methods
-from fedfactory.runs import atomic_write_json, atomic_write_text
+from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the .json and .md")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    command = "python benchmarks/compare.py " + shlex.join(argv)
+    source = provenance(__file__, argv)
 
     cfg = load_config(args.config, [*args.overrides, f"run.out={args.out}", "run.progress=false"])
     methods = parse_methods(args.methods)
@@ -43,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = compare(cfg, methods)
     elapsed = time.perf_counter() - t0
     device = "cuda" if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()) else "cpu"
-    result = {
-        "command": command,
+    result = source | {
         "run_dir": str(args.out),
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": [{k: v for k, v in r.items() if k not in ("train_loss", "val_accuracy")} for r in doc["methods"]],
     }
     table = markdown(doc, cfg)
-    text = (f"# Comparison: {args.name}\n\nCommand: `{command}`\n\nDevice: {result['cuda'] or result['device']}, "
+    text = (f"# Comparison: {args.name}\n\n{provenance_line(source)}\n\nDevice: {result['cuda'] or result['device']}, "
             f"{result['torch_threads']} torch threads; this invocation {elapsed:.0f} s.\n\n{table}")
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results / f"compare-{args.name}.json", result)

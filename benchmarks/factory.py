@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -53,17 +55,17 @@ def main():
         rows.append(run_one(args.config, family, out, args.overrides))
         print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    command = " ".join(["python", "benchmarks/factory.py", *sys.argv[1:]])
-    result = {"command": command, "cpu_threads": os.cpu_count(), "rows": rows}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# {args.name}", "", f"Command: `{command}`", "",
+    source = provenance(__file__, sys.argv[1:])
+    result = source | {"cpu_threads": os.cpu_count(), "rows": rows}
+    atomic_write_json(RESULTS / f"{args.name}.json", result)
+    lines = [f"# {args.name}", "", provenance_line(source), "",
              "| family | accuracy | centralized | ratio | train s | sample s | classifier s | end-to-end s | "
              "bytes/module | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['accuracy']:.4f} | {r['centralized_accuracy']:.4f} | {r['ratio']:.3f} | "
                      f"{r['train_s']:.0f} | {r['sample_s']:.0f} | {r['classifier_s']:.0f} | {r['end_to_end_s']:.0f} | "
                      f"{r['bytes_per_module']:.0f} | {r['peak_rss_mib'] or float('nan'):.0f} |")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

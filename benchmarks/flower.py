@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from fedfactory.config import load_config, to_toml
 from fedfactory.flower import loopback
 from fedfactory.flower.wire import module_array
-from fedfactory.runs import atomic_write_json, atomic_write_text
+from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +65,7 @@ def flower_mode(tmp: Path, preset: str, overrides: list[str], simulation: bool, 
             "load_average_before": load}
 
 
-def summarize(modes: dict, command: str, preset: str, overrides: list[str]) -> dict:
+def summarize(modes: dict, source: dict, preset: str, overrides: list[str]) -> dict:
     ref_metrics, ref_hashes = load_run(modes["in_process"]["out"])
     same = {}
     for name in ("simulation", "deployment"):
@@ -89,8 +88,7 @@ def summarize(modes: dict, command: str, preset: str, overrides: list[str]) -> d
     reply_total = sum(c["reply_message"] for c in per_client.values())
 
     base = modes["in_process"]["seconds"]["run"]
-    return {
-        "command": command,
+    return source | {
         "preset": preset,
         "overrides": overrides,
         "num_clients": len(per_client),
@@ -120,7 +118,7 @@ def to_markdown(r: dict, name: str) -> str:
     lines = [
         f"# Flower overhead: {name}",
         "",
-        f"Command: `{r['command']}`",
+        provenance_line(r),
         "",
         f"{r['num_clients']} clients, one SuperNode each, all on 127.0.0.1; {r['machine']['cpus']} CPUs, "
         f"flwr {r['machine']['flwr']}, torch {r['machine']['torch']}, run.threads=1. "
@@ -167,9 +165,9 @@ def main() -> None:
     args = parser.parse_args()
     name = args.name or Path(args.config).stem
     overrides = ["run.threads=1", *args.overrides]
-    command = shlex.join(["python", "benchmarks/flower.py", *sys.argv[1:]])
+    source = provenance(__file__, sys.argv[1:])
     if os.environ.get("OMP_NUM_THREADS"):
-        command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {command}"
+        source["command"] = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {source['command']}"
 
     with tempfile.TemporaryDirectory(prefix="fedfactory-flower-") as tmp:
         tmp = Path(tmp)
@@ -182,7 +180,7 @@ def main() -> None:
                                 "load_average_before": load}}
         modes["simulation"] = flower_mode(tmp, args.config, overrides, True, args.timeout)
         modes["deployment"] = flower_mode(tmp, args.config, overrides, False, args.timeout)
-        result = summarize(modes, command, args.config, overrides)
+        result = summarize(modes, source, args.config, overrides)
 
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / f"flower-{name}.json", result)

@@ -17,6 +17,7 @@ from fedfactory.config import GeneratorConfig
 from fedfactory.device import select_device
 from fedfactory.generative.artifact import module_id
 from fedfactory.generative.train import sample_module, train_module
+from fedfactory.runs import atomic_write_json, provenance
 
 CASES = {  # name: (image shape HWC, generator config)
     "aegmm-fmnist": ((28, 28, 1), GeneratorConfig(family="aegmm", channels=16, latent_dim=32, mixture_components=20)),
@@ -53,7 +54,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer steps (CPU)")
     args = p.parse_args()
     device = select_device(args.device, args.threads)
-    results = {"command": " ".join(["python", *sys.argv]), "device": str(device),
+    results = provenance(__file__, sys.argv[1:]) | {"device": str(device),
                "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__, "cases": {}}
     for name, (shape, cfg) in CASES.items():
@@ -61,8 +62,7 @@ def main():
         samples = (200 if cfg.family == "edm" else 2000) if device.type == "cpu" else 5000
         results["cases"][name] = measure(shape, cfg, device, steps, samples)
         print(name, json.dumps(results["cases"][name]), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -11,27 +11,25 @@ run goes to a temporary directory that is deleted afterwards, unless --out keeps
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 from fedfactory.config import Config, load_config
 from fedfactory.federation.unlearning import unlearn
-from fedfactory.runs import atomic_write_json, atomic_write_text
+from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def summarize(cert: dict, source_metrics: dict, source_cfg: Config, device: str, command: str) -> dict:
+def summarize(cert: dict, source_metrics: dict, source_cfg: Config, device: str, source: dict) -> dict:
     """The benchmark's numbers from the certificate and the original run's metrics."""
     original = source_metrics["timings"]
     before, after = cert["before"]["group_accuracy"], cert["after"]["group_accuracy"]
     groups = {"forgotten": "only_removed", "shared": "shared", "remaining": "rest"}
     accuracy = {name: {"before": before[g], "after": after[g]} for name, g in groups.items()}
     accuracy["overall"] = {"before": cert["before"]["accuracy"], "after": cert["after"]["accuracy"]}
-    return {
-        "command": command,
+    return source | {
         "run_dir": cert["source_run"],
         "clients": cert["requested"]["clients"],
         "dataset": source_cfg.data.dataset,
@@ -61,7 +59,7 @@ def to_markdown(result: dict, name: str) -> str:
     lines = [
         f"# Unlearning: {name}",
         "",
-        f"Command: `{result['command']}`",
+        provenance_line(result),
         "",
         f"Run `{result['run_dir']}` ({result['dataset']}, {result['partition']}, {result['num_clients']} clients); "
         f"removed {', '.join(result['removed_modules'])}; forgotten classes: "
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="also verify bit for bit (retrains the other modules)")
     args = parser.parse_args(argv)
     name = args.name or args.run_dir.resolve().name
-    command = "python benchmarks/unlearning.py " + shlex.join(argv)
+    source = provenance(__file__, argv)
 
     source_cfg = load_config(str(args.run_dir / "config.toml"))
     source_metrics = json.loads((args.run_dir / "metrics.json").read_text())
@@ -105,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tmp) / f"{name}-unlearn-client-{args.client}"
         cert = unlearn(args.run_dir, clients=(args.client,), out=out, verify=args.verify)
         device = json.loads((out / "metrics.json").read_text())["device"]
-    result = summarize(cert, source_metrics, source_cfg, device, command)
+    result = summarize(cert, source_metrics, source_cfg, device, source)
 
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results / f"unlearning-{name}.json", result)

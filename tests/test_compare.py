@@ -172,6 +172,9 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path):
     result = read_json(tmp_path / "res" / "compare-tiny.json")
     assert [r["method"] for r in result["methods"]] == ["fedavg", "centralized"]
     assert result["command"].startswith("python benchmarks/compare.py --config tiny")
+    assert {"git_commit", "git_dirty"} <= result.keys()
+    if (path.parents[1] / ".git").exists():
+        assert f"at commit `{result['git_commit'][:12]}`" in (tmp_path / "res" / "compare-tiny.md").read_text()
     assert result["methods"] == [{k: v for k, v in r.items() if k not in ("train_loss", "val_accuracy")}
                                  for r in read_json(tmp_path / "run" / "comparison.json")["methods"]]
     assert "| fedavg | 1 |" in (tmp_path / "res" / "compare-tiny.md").read_text()

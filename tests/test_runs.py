@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +95,20 @@ def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     assert runs.sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def test_provenance_names_the_command_and_the_commit_of_the_checkout():
+    root = Path(__file__).resolve().parents[1]
+    p = runs.provenance(root / "benchmarks" / "compare.py", ["--config", "tiny", "a b"])
+    assert p["command"] == "python benchmarks/compare.py --config tiny 'a b'"
+    if (root / ".git").exists():
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert p["git_commit"] == head.strip() and isinstance(p["git_dirty"], bool)
+        assert f"at commit `{head[:12]}`" in runs.provenance_line(p)
+
+
+def test_every_benchmark_script_records_provenance():
+    # sweep*.py and quality*.py belong to the generator-quality work and record their own.
+    scripts = [p for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
+               if not p.name.startswith(("_", "sweep", "quality"))]
+    assert scripts and [p.name for p in scripts if "provenance(__file__" not in p.read_text()] == []
