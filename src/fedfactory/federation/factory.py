@@ -8,7 +8,7 @@ from tqdm import tqdm
 from fedfactory.config import Config
 from fedfactory.data.datasets import ImageDataset
 from fedfactory.errors import FedFactoryError
-from fedfactory.generative.train import sample_module
+from fedfactory.generative.train import network_config, requested_training, sample_module
 from fedfactory.registry import Module
 from fedfactory.seeding import derive_seed
 
@@ -18,16 +18,22 @@ class SynthesisError(FedFactoryError, ValueError):
 
 
 def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
-    """Why a valid module was not trained as cfg asks (family, steps, batch size, seed), or None if it was."""
+    """Why a valid module was not trained as cfg asks (family, network, steps, seed, recipe), or None if it was."""
     t, g = manifest["training"], cfg.generator
     seed = derive_seed(cfg.run.seed, "train", manifest["client_id"], manifest["class_id"])
+    # The steps follow the module's image count when generator.steps_per_image is set (train.planned_steps).
+    asked = requested_training(g, manifest["num_samples"], seed) if manifest["family"] == g.family else {}
     # .get: the artifact schema requires only steps and seed, so a module may lack the other training fields.
-    if manifest["family"] != g.family or t.get("steps") != g.steps or t.get("batch_size") != g.batch_size:
+    if not asked or t.get("steps") != asked["steps"] or t.get("batch_size") != g.batch_size:
         return (f"trained as {manifest['family']} with {t.get('steps')} steps, batch {t.get('batch_size')}; "
-                f"the run asks {g.family}, {g.steps} steps, batch {g.batch_size}")
+                f"the run asks {g.family}, {asked.get('steps', g.steps)} steps, batch {g.batch_size}")
     if t.get("seed") != seed:
         return f"trained with seed {t.get('seed')}, the run derives {seed}"
-    return None
+    net = network_config(g, tuple(manifest["image_shape"]))
+    if manifest["network"] != net:
+        return f"network {manifest['network']}; the run asks {net}"
+    differ = [f"{k}={t.get(k)} where the run asks {v}" for k, v in asked.items() if t.get(k) != v]
+    return f"trained with {', '.join(differ)}" if differ else None
 
 
 def allocate(counts: list[int], total: int) -> list[int]:
