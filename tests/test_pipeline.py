@@ -37,7 +37,8 @@ def test_tiny_run_writes_a_self_describing_directory(tiny_run):
     assert metrics["bytes"]["per_module"]["client-003_class-003"] == modules[3].stat().st_size
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     assert sum(metrics["synthesis_plan"].values()) == 10 * cfg.synthesis.samples_per_class
-    assert 0 <= metrics["reference"]["accuracy_ratio"]
+    ref = metrics["reference"]
+    assert ref["accuracy_ratio"] == metrics["accuracy"] / ref["centralized"]["accuracy"]
     assert len(json.loads((out / "partition.json").read_text())["histogram"]) == 10
 
 
@@ -113,3 +114,16 @@ def test_a_classifier_with_non_finite_weights_is_refused(tmp_path):
     with pytest.raises(TrainingError, match="training diverged, tensors weight hold NaN or Inf"):
         save_classifier(model, tmp_path / "classifier.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# The tiny preset trains too little to beat chance (it is for plumbing); these overrides make the same 8x8 digits
+# pipeline learn in about 15 s on one thread. Measured at seed 0: accuracy 0.9276 (chance is 0.1).
+LEARNING = ["generator.steps=200", "synthesis.samples_per_class=300", "classifier.epochs=5", "classifier.width=16",
+            "reference.centralized=false", "run.threads=1"]
+
+
+def test_the_pipeline_learns_from_synthetic_images_only(tmp_path):
+    metrics = run(load_config("tiny", [f"run.out={tmp_path / 'learn'}", *LEARNING]))
+    # A broken generator, synthesis or classifier step scores near 0.1; the margin absorbs float differences.
+    assert metrics["accuracy"] > 0.85, metrics["per_class_accuracy"]
+    assert min(metrics["per_class_accuracy"].values()) > 0.5, metrics["per_class_accuracy"]
