@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedfactory.data.partition import PartitionError, class_histogram, format_histogram, partition
+from fedfactory.data.partition import PartitionError, class_histogram, format_histogram, implied_cells, partition
 
 
 def _labels(num_classes=10, per_class=30, seed=0):
@@ -156,3 +156,10 @@ def test_histogram_and_table():
     assert lines[2].split() == ["1", "0", "1", "3", "0", "4"]
     assert lines[3].split() == ["total", "1", "2", "3", "0", "6"]
     assert len({len(line) for line in lines}) == 1
+
+
+def test_implied_cells_is_the_one_min_samples_rule():
+    hist = [[0, 3, 20], [19, 0, 1]]
+    assert implied_cells(hist) == {(0, 1): 3, (0, 2): 20, (1, 0): 19, (1, 2): 1}
+    assert implied_cells(np.asarray(hist), min_samples=19) == {(0, 2): 20, (1, 0): 19}
+    assert implied_cells(np.zeros((0, 3), np.int64), 1) == {}

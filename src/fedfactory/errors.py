@@ -2,7 +2,6 @@
 
 
 class FedFactoryError(Exception):
-    """A refused request or input (config, dataset, partition, run directory, ...); the message says the fix.
+    """A refused request or input (config, dataset, partition, run directory, ...); the message says the fix."""
 
-    Anything else reaching the command line is a bug and keeps its traceback.
-    """
+    # Anything else that reaches the command line is a bug and keeps its traceback.

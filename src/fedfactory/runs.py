@@ -170,8 +170,7 @@ def setup_logging(out: Path) -> None:
 
 
 def provenance(script: str | os.PathLike, argv: list[str]) -> dict:
-    """Where a result comes from: the command line and the git commit of the script's checkout (and whether
-    tracked files differed from it), so a number can be traced to the code that produced it."""
+    """The command line, the git commit of the script's checkout and whether tracked files differed from it."""
     script = Path(script).resolve()
 
     def git(*args: str) -> str | None:

@@ -199,11 +199,9 @@ def class_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: in
 
 
 def implied_cells(histogram, min_samples: int = 1) -> dict[tuple[int, int], int]:
-    """(client, class) -> real count, for every cell of a class histogram that gets a generative module.
-
-    The one rule for which modules a partition implies: a cell gets a module when it holds at least min_samples
-    images (generator.min_samples), since a module of a handful of images can only replay them.
-    """
+    """(client, class) -> real count, for every cell of a class histogram that gets a generative module."""
+    # The one rule for which modules a partition implies (runner, unlearning, Flower server and report call it): a
+    # cell needs at least generator.min_samples images, since a module of a handful of images can only replay them.
     hist = np.atleast_2d(np.asarray(histogram, dtype=np.int64))  # (clients, classes)
     return {(int(k), int(c)): int(hist[k, c]) for k, c in zip(*np.nonzero(hist >= max(min_samples, 1)), strict=True)}
 

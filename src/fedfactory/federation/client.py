@@ -34,8 +34,7 @@ def train_client_module(data: ImageDataset, client_id: int, class_id: int, cfg: 
 
 def train_client_modules(data: ImageDataset, client_id: int, cfg: Config, device: torch.device,
                          skip: Callable[[str], bool] = lambda mid: False) -> Iterator[Module]:
-    """Train every module of a client, one per class it holds at least generator.min_samples images of, in class
-    order; module ids for which skip(module id) is true (already delivered or reusable) are left out."""
+    """Train G_{k,c} for each class c the client holds generator.min_samples images of, unless skip(module id)."""
     for c in held_classes(data, cfg.generator.min_samples):
         if not skip(module_id(client_id, c)):
             yield train_client_module(data, client_id, c, cfg.generator, cfg.run.seed, device,

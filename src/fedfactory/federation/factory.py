@@ -120,8 +120,9 @@ def product_of_experts(log_probs: list[np.ndarray]) -> np.ndarray:
 
 
 def bytes_per_client(manifests: list[dict], sizes: dict[str, int], receivers: list[int] | None = None) -> dict:
-    """What crosses the wire, from the module file sizes (module id -> bytes): each client uploads its own modules;
-    in local mode every client in `receivers` also downloads every other client's modules (its own never travel)."""
+    """metrics.json's bytes: uploads per client from the module file sizes, and downloads for local-mode receivers."""
+    # Each client uploads its own modules; in local mode each receiver downloads every other client's (its own
+    # never travel).
     up: dict[str, int] = {}
     for m in manifests:
         up[str(m["client_id"])] = up.get(str(m["client_id"]), 0) + sizes[m["module_id"]]

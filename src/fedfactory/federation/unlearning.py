@@ -261,8 +261,8 @@ def first_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 def withdraw_rows(parts: list[np.ndarray], labels: np.ndarray, removed: list[dict], clients=()) -> list[np.ndarray]:
-    """The partition without the rows behind the removed modules (client k loses its rows of class c), and without
-    every row of a withdrawn client, including its cells too small for a module (which local mode would train on)."""
+    """The partition without the removed modules' rows and without every row of a withdrawn client."""
+    # A withdrawn client also loses its cells too small for a module: local mode would train its expert on them.
     parts = list(parts)
     for k in clients:
         parts[k] = parts[k][:0]
