@@ -29,6 +29,7 @@ from fedfactory.federation.factory import synthesize  # noqa: E402
 from fedfactory.generative.artifact import module_id, module_to_bytes  # noqa: E402
 from fedfactory.generative.train import train_module  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
+from fedfactory.runs import provenance  # noqa: E402
 from fedfactory.seeding import derive_seed  # noqa: E402
 
 
@@ -151,7 +152,7 @@ def main():
                "per_class": [round(a, 3) for a in m["per_class_accuracy"].values()],
                "train_s_per_module": round(float(np.mean(train_s)), 1), "bytes_per_module": int(np.mean(sizes)),
                "sample_s": round(sample_s, 1), "classifier_s": round(time.perf_counter() - t0, 1),
-               "command": " ".join(["python", *sys.argv])}
+               **provenance(__file__, sys.argv[1:])}
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as f:
             f.write(json.dumps(row) + "\n")
