@@ -19,7 +19,9 @@ import torch
 from fedfactory import __version__
 from fedfactory.runs import atomic_write_bytes
 
-FORMAT_VERSION = 1
+# 2: the manifest carries manifest_sha256, a hash over its own canonical JSON (which includes weights_sha256).
+# Format 1 modules are refused rather than read: their manifest has no hash, so an edit of it cannot be told apart.
+FORMAT_VERSION = 2
 MANIFEST_KEY = "fedfactory.manifest"  # safetensors metadata key holding the manifest JSON string
 MAX_HEADER_BYTES = 1 << 20  # refuse larger safetensors headers before parsing JSON
 MAX_FILE_BYTES = 256 << 20
@@ -57,6 +59,7 @@ _MANIFEST_KEYS = frozenset(
         "diffusion",
         "training",
         "weights_sha256",
+        "manifest_sha256",
         "library_version",
     }
 )
@@ -130,6 +133,17 @@ def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _canonical_json(value: object) -> str:
+    """The one JSON text of a manifest: sorted keys, ASCII only, no NaN; what is stored and what is hashed."""
+    return json.dumps(value, sort_keys=True, allow_nan=False)
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON without its manifest_sha256 field."""
+    rest = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(_canonical_json(rest).encode("ascii")).hexdigest()
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     # Python keeps the last duplicate while other parsers may keep the first; refusing removes the ambiguity.
     result = {}
@@ -175,9 +189,17 @@ def _check_config(value: object, key: str, source: str) -> None:
 
 
 def _check_manifest(manifest: object, source: str) -> None:
-    """Refuse a manifest that breaks the schema: exact keys, types and ranges."""
+    """Refuse a manifest that breaks the schema (exact keys, types and ranges) or its own hash."""
     if not isinstance(manifest, dict):
         raise _refuse(source, f"manifest is {_show(manifest)}, not a JSON object")
+    # The version first: an older module then says it is older, not that it lacks a newer field.
+    fmt = manifest.get("format_version")
+    if not _is_int(fmt) or fmt != FORMAT_VERSION:
+        raise _refuse(
+            source,
+            f"format_version is {_show(fmt)}, this fedfactory reads only {FORMAT_VERSION}",
+            f"retrain the module with fedfactory {__version__} (a run directory retrains it when rerun)",
+        )
     missing = sorted(_MANIFEST_KEYS - manifest.keys())
     unknown = sorted(manifest.keys() - _MANIFEST_KEYS)
     if missing:
@@ -185,12 +207,6 @@ def _check_manifest(manifest: object, source: str) -> None:
     if unknown:
         raise _refuse(source, f"manifest has unknown keys {', '.join(_show(k) for k in unknown[:5])}")
     m = manifest
-    if not _is_int(m["format_version"]) or m["format_version"] != FORMAT_VERSION:
-        raise _refuse(
-            source,
-            f"format_version is {_show(m['format_version'])}, this fedfactory reads only {FORMAT_VERSION}",
-            f"re-save the module with fedfactory {__version__}",
-        )
     for key in ("client_id", "class_id"):
         if not _is_int(m[key]) or m[key] < 0:
             raise _refuse(source, f"{key} must be an int >= 0, got {_show(m[key])}")
@@ -231,9 +247,9 @@ def _check_manifest(manifest: object, source: str) -> None:
         raise _refuse(source, f"training.steps must be an int >= 1, got {_show(training.get('steps'))}")
     if not _is_int(training.get("seed")) or training["seed"] < 0:
         raise _refuse(source, f"training.seed must be an int >= 0, got {_show(training.get('seed'))}")
-    sha = m["weights_sha256"]
-    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-        raise _refuse(source, f"weights_sha256 must be 64 lowercase hex digits, got {_show(sha)}")
+    for key in ("weights_sha256", "manifest_sha256"):
+        if not isinstance(m[key], str) or not _SHA256_RE.fullmatch(m[key]):
+            raise _refuse(source, f"{key} must be 64 lowercase hex digits, got {_show(m[key])}")
     version = m["library_version"]
     if (
         not isinstance(version, str)
@@ -241,6 +257,16 @@ def _check_manifest(manifest: object, source: str) -> None:
         or not version.isprintable()
     ):
         raise _refuse(source, f"library_version must be a short printable string, got {_show(version)}")
+    # Last, so a schema break is named as such. The hash finds edits and corruption; it is no signature, and
+    # whoever rewrites the manifest and its hash together is caught only by the checks above and the weights hash.
+    actual = manifest_sha256(m)
+    if actual != m["manifest_sha256"]:
+        raise _refuse(
+            source,
+            f"manifest hash {actual[:12]}... differs from its manifest_sha256 {m['manifest_sha256'][:12]}..., "
+            "so the manifest was edited or corrupted after saving",
+            "fetch the original file or retrain the module",
+        )
 
 
 def _check_tensors_for_save(tensors: object, source: str) -> None:
@@ -270,7 +296,7 @@ def _check_tensors_for_save(tensors: object, source: str) -> None:
 
 
 def module_to_bytes(tensors: dict[str, torch.Tensor], manifest: dict) -> tuple[bytes, dict]:
-    """Serialize a module and the completed manifest (version, weights hash, library version filled in)."""
+    """Serialize a module and the completed manifest (version, both hashes, library version filled in)."""
     source = f"module {_show(manifest.get('module_id'))}" if isinstance(manifest, dict) else "module"
     _check_tensors_for_save(tensors, source)
     if not isinstance(manifest, dict):
@@ -281,16 +307,19 @@ def module_to_bytes(tensors: dict[str, torch.Tensor], manifest: dict) -> tuple[b
         "weights_sha256": weights_sha256(tensors),
         "library_version": __version__,
     }
+    full.pop("manifest_sha256", None)  # a loaded manifest being re-saved carries its old one
     try:
-        text = json.dumps(full, sort_keys=True, allow_nan=False)
+        text = _canonical_json(full)
     except (TypeError, ValueError) as err:
         raise _refuse(
             source,
             f"manifest is not plain JSON ({_show(str(err), 80)})",
             "use str, int, finite float, bool and lists",
         ) from err
-    # Validate the JSON round trip, i.e. exactly what a loader will see (tuples become lists, for one).
+    # Hash and validate the JSON round trip, i.e. exactly what a loader will see (tuples become lists, for one).
     full = json.loads(text)
+    full["manifest_sha256"] = manifest_sha256(full)
+    text = _canonical_json(full)
     _check_manifest(full, source)
     # Private contiguous CPU copies: safetensors refuses views and tensors that share storage.
     cpu = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format) for name, t in tensors.items()}
@@ -400,8 +429,17 @@ def _manifest_from_metadata(metadata: dict, source: str) -> dict:
     unknown = sorted(metadata.keys() - {MANIFEST_KEY})
     if unknown:
         raise _refuse(source, f"header metadata has unknown keys {', '.join(_show(k) for k in unknown[:5])}")
-    manifest = _parse_json(metadata[MANIFEST_KEY], source, "manifest")
+    text = metadata[MANIFEST_KEY]
+    manifest = _parse_json(text, source, "manifest")
     _check_manifest(manifest, source)
+    # The hash covers the parsed values; this covers the text, so "0e0" for 0.0 or reordered keys is an edit too
+    # and a module's bytes stay a function of its contents.
+    if text != _canonical_json(manifest):
+        raise _refuse(
+            source,
+            "manifest text is not the canonical JSON save_module writes, so it was edited after saving",
+            "fetch the original file or retrain the module",
+        )
     return manifest
 
 
