@@ -1,8 +1,19 @@
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
-from fedfactory.classifier import GaussianBlur, augment, random_blur
-from fedfactory.config import ConfigError, load_config
+from fedfactory.classifier import GaussianBlur, TrainingError, augment, random_blur, train_classifier
+from fedfactory.config import ClassifierConfig, ConfigError, load_config
+from fedfactory.errors import FedFactoryError
+
+TINY = replace(ClassifierConfig(), width=4, epochs=2, batch_size=8)
+
+
+def tiny_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    return images, np.arange(n) % 2
 
 
 def test_random_blur_gives_each_image_its_own_gaussian():
@@ -29,3 +40,17 @@ def test_augment_is_seeded_and_composes():
 def test_unknown_or_repeated_augmentations_are_refused(kind):
     with pytest.raises(ConfigError, match="classifier.augment"):
         load_config("tiny", [f"classifier.augment={kind}"])
+
+
+def test_fewer_images_than_a_batch_is_a_training_error():
+    images, labels = tiny_images(5)
+    with pytest.raises(TrainingError, match="5 training images, fewer than classifier.batch_size=8; lower") as info:
+        train_classifier(images, labels, 2, TINY, 0, torch.device("cpu"), progress=False)
+    assert isinstance(info.value, FedFactoryError)  # so the command line prints it as one line
+
+
+def test_non_finite_loss_stops_training_at_its_step():
+    # AdamW moves every weight by about lr on the first step, so lr=1e30 makes the second step's loss NaN.
+    images, labels = tiny_images(16)
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 1/2, step 2/2; lower classifier.lr \(now 1e\+30\)"):
+        train_classifier(images, labels, 2, replace(TINY, lr=1e30), 0, torch.device("cpu"), progress=False)

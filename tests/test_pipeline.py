@@ -3,12 +3,13 @@ import json
 import pytest
 import torch
 
+from fedfactory.classifier import TrainingError
 from fedfactory.cli import main
 from fedfactory.config import load_config, to_toml
 from fedfactory.data.datasets import load_data
 from fedfactory.data.partition import split_clients
 from fedfactory.federation.client import train_client_module
-from fedfactory.federation.runner import TrainingError, run, save_classifier
+from fedfactory.federation.runner import run, save_classifier
 from fedfactory.generative.artifact import save_module
 from fedfactory.runs import RunDirError
 

@@ -15,6 +15,11 @@ from tqdm import tqdm
 
 from fedfactory.config import ClassifierConfig
 from fedfactory.data.datasets import to_float
+from fedfactory.errors import FedFactoryError
+
+
+class TrainingError(FedFactoryError, ValueError):
+    """A classifier cannot be trained or diverged: too few images, a NaN or Inf loss, non-finite weights."""
 
 
 class GaussianBlur(nn.Module):
@@ -110,7 +115,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
                      input_blur: float = 0.0) -> nn.Module:
     """Train from scratch on uint8 images (N, H, W, C) with AdamW and a one-cycle schedule."""
     if len(images) < cfg.batch_size:
-        raise ValueError(f"{desc}: {len(images)} training images, fewer than classifier.batch_size={cfg.batch_size}")
+        raise TrainingError(f"{desc}: {len(images)} training images, fewer than classifier.batch_size="
+                            f"{cfg.batch_size}; lower classifier.batch_size or train on more images")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # parameter init
     model = build_classifier(images.shape[3], num_classes, cfg.width, input_blur, cfg.norm).to(device)
@@ -135,6 +141,12 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
             y = y_all[b].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            # Stop at the first bad step: a NaN loss turns every weight NaN, and the epochs after it are wasted.
+            # One scalar per step; on CUDA the check costs a host-device sync per step.
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{desc}: loss is {loss.item()} at epoch {epoch + 1}/{cfg.epochs}, step "
+                                    f"{i + 1}/{steps_per_epoch}; lower classifier.lr (now {cfg.lr}) or check the "
+                                    "training images")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from fedfactory.classifier import predict_log_proba, predict_proba, train_classifier
+from fedfactory.classifier import TrainingError, predict_log_proba, predict_proba, train_classifier
 from fedfactory.config import Config, config_hash
 from fedfactory.data.datasets import ImageDataset, load_data
 from fedfactory.data.partition import class_histogram, format_histogram, split_clients
 from fedfactory.device import select_device
-from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import held_classes, train_client_modules
 from fedfactory.federation.factory import (
     bytes_per_client,
@@ -89,10 +88,6 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
             log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, manifest["class_id"],
                      manifest["class_name"], manifest["num_samples"], cfg.generator.steps, dt, path.stat().st_size)
             t0 = time.perf_counter()
-
-
-class TrainingError(FedFactoryError, ValueError):
-    """A classifier came out of training with NaN or Inf weights: its loss diverged."""
 
 
 def save_classifier(model: torch.nn.Module, path: Path) -> None:
