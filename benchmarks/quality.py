@@ -63,7 +63,29 @@ def truncate_residual(manifest: dict, tensors: dict, rank: int) -> tuple[dict, d
     return {**manifest, "network": {**manifest["network"], "residual_rank": rank}}, tensors
 
 
+def summary(results: Path) -> str:
+    """The sweep's rows as one Markdown table, in the order they ran."""
+    lines = ["# Quality sweep on the validation split (Fashion-MNIST silos)", "",
+             "Protocol: `benchmarks/quality.py` docstring. Every row is validation accuracy (1,000 held-out training",
+             "images per class); the test set is never read. Rows run with one torch thread beside other jobs, so",
+             "their seconds are inflated; compare accuracies, not times.", "",
+             "| variant | mode | generator | classifier | residual rank | input blur | samples/class | epochs | "
+             "val accuracy | shirt | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        show = lambda d: " ".join(f"{k}={v}" for k, v in d.items()) or "preset"  # noqa: E731
+        lines.append(f"| {r['variant']} | {r.get('mode', 'server')} | {show(r['generator'])} | "
+                     f"{show(r.get('classifier', {}))} | {r.get('residual_rank', 16)} | {r['blur']} | "
+                     f"{r['samples_per_class']} | {r['epochs']} | {r['val_accuracy']:.4f} | {r['per_class'][6]:.3f} | "
+                     f"{(r.get('git_commit') or 'before provenance')[:12]} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
+    if sys.argv[1:2] == ["--summary"]:
+        results = Path("benchmarks/results/quality-sweep.jsonl")
+        results.with_suffix(".md").write_text(summary(results))
+        return
     p = argparse.ArgumentParser()
     p.add_argument("--variant", required=True, help="name of the module set (cache key)")
     p.add_argument("--config", default="fashion-mnist")
