@@ -86,7 +86,8 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
             dt = time.perf_counter() - t0
             timer.add("client_training", dt)
             log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, manifest["class_id"],
-                     manifest["class_name"], manifest["num_samples"], cfg.generator.steps, dt, path.stat().st_size)
+                     manifest["class_name"], manifest["num_samples"], manifest["training"]["steps"], dt,
+                     path.stat().st_size)
             t0 = time.perf_counter()
 
 
