@@ -22,6 +22,13 @@ class TrainingError(FedFactoryError, ValueError):
     """A classifier cannot be trained or diverged: too few images, a NaN or Inf loss, non-finite weights."""
 
 
+def gaussian_kernels(sigma: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernels (n, 2*radius + 1) for sigmas (n,) in pixels; sigma 0 is the identity."""
+    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None].float().clamp(min=1e-6) ** 2))
+    return k / k.sum(1, keepdim=True)
+
+
 class GaussianBlur(nn.Module):
     """A fixed (not trained) separable Gaussian low-pass filter, applied to every input alike.
 
@@ -33,10 +40,9 @@ class GaussianBlur(nn.Module):
 
     def __init__(self, channels: int, sigma: float, radius: int = 2):
         super().__init__()
-        r = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        k = torch.exp(-(r**2) / (2 * sigma**2)) if sigma > 0 else (r == 0).float()
+        k = gaussian_kernels(torch.tensor([float(sigma)]), radius)[0]
         # Persistent, so a saved classifier carries its input filter and loads without the run's metrics.
-        self.register_buffer("kernel", (k / k.sum()).repeat(channels, 1, 1, 1))  # (C, 1, 1, 2r+1)
+        self.register_buffer("kernel", k.repeat(channels, 1, 1, 1))  # (C, 1, 1, 2r+1)
         self.channels, self.radius = channels, radius
 
     def forward(self, x):
@@ -72,9 +78,7 @@ def random_blur(x: torch.Tensor, gen: torch.Generator, max_sigma: float = 1.5, r
     """Blur each image with its own Gaussian, sigma uniform in [0, max_sigma] pixels (replicate padding)."""
     b, c, h, w = x.shape
     sigma = torch.rand(b, generator=gen) * max_sigma
-    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None].clamp(min=1e-3) ** 2))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0).to(x.device)  # (b*c, 2r+1): one kernel per image
+    k = gaussian_kernels(sigma, radius).repeat_interleave(c, 0).to(x.device)  # (b*c, 2r+1): one kernel per image
     # Every (image, channel) plane becomes a group of a grouped convolution, so each gets its own kernel.
     y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, 0, 0), mode="replicate")
     y = F.conv2d(y, k[:, None, None, :], groups=b * c)

@@ -85,7 +85,7 @@ def local_steps_per_round(n: int, cfg: BaselinesConfig) -> int:
 
 def local_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_steps: int, batch_size: int, lr: float,
               augment_kind: str, gen: torch.Generator, drift: Tensors | None = None, anchor: Tensors | None = None,
-              pull: float = 0.0) -> float:
+              pull: float = 0.0, noise_std: float = 0.2) -> float:
     """num_steps of plain SGD on the local objective L_k(w) + <drift, w> + pull / 2 * ||w - anchor||^2.
 
     x: float (n, C, H, W) in [-1, 1], y: int64 (n,), both on the model's device. Batches walk through fresh
@@ -102,7 +102,7 @@ def local_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_steps: int
             batches = iter(torch.randperm(len(x), generator=gen).split(batch_size))
             b = next(batches)
         b = b.to(x.device)
-        xb = augment(x[b], augment_kind, gen) if augment_kind != "none" else x[b]
+        xb = augment(x[b], augment_kind, gen, noise_std) if augment_kind != "none" else x[b]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = F.cross_entropy(model(xb), y[b])
         grads = torch.autograd.grad(loss, params)
@@ -240,7 +240,7 @@ def train_federated(method: str, train: ImageDataset, parts: list[np.ndarray], t
             x, y = data[k]
             num_steps = local_steps_per_round(len(x), cfg)
             losses.append(local_sgd(model, x, y, num_steps, cfg.batch_size, cfg.lr, clf.augment, gen,
-                                    drift=drift, anchor=anchor, pull=pull))
+                                    drift=drift, anchor=anchor, pull=pull, noise_std=clf.noise_std))
             steps.append(num_steps)
             trained = {name: v.detach().clone() for name, v in model.state_dict().items()}
 
@@ -324,7 +324,8 @@ def train_local_only(train: ImageDataset, parts: list[np.ndarray], test: ImageDa
         x, y = client_tensors(train, rows, device)
         for t in range(1, cfg.rounds + 1):
             gen = torch.Generator().manual_seed(derive_seed(root_seed, "baseline", "local-only", t, k))
-            local_sgd(model, x, y, local_steps_per_round(len(x), cfg), cfg.batch_size, cfg.lr, clf.augment, gen)
+            local_sgd(model, x, y, local_steps_per_round(len(x), cfg), cfg.batch_size, cfg.lr, clf.augment, gen,
+                      noise_std=clf.noise_std)
         per_client.append(evaluate(predict_proba(model, test.images, device), test.labels, test.class_names))
     mean = {key: mean_of([m[key] for m in per_client]) for key in HEADLINE}
     best = int(np.argmax([m["accuracy"] for m in per_client]))

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedfactory.data.datasets import to_float, to_uint8
+from fedfactory.seeding import derive_seed
 
 
 def num_downsamples(size: int) -> int:
@@ -225,8 +226,6 @@ def fit_densities(ema: AutoEncoder, images: np.ndarray, mixture_components: int,
     Reconstructions are decoded per chunk of 1000 when needed, never held for the whole class (a
     10,000-image class of 3x128x128 would take 2 GB as float32).
     """
-    from fedfactory.seeding import derive_seed
-
     z = torch.cat([ema.encoder(torch.from_numpy(to_float(images[i:i + 1000]))) for i in range(0, len(images), 1000)])
     mixture = fit_mixture(z, mixture_components, derive_seed(seed, "mixture"))
     tensors = {f"decoder.{k}": v.contiguous() for k, v in ema.decoder.state_dict().items()} | mixture

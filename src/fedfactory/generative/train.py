@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from fedfactory.config import GeneratorConfig
 from fedfactory.data.datasets import to_float, to_uint8
+from fedfactory.errors import FedFactoryError
 from fedfactory.generative.aegmm import (
     BLUR_GRID,
     AutoEncoder,
@@ -28,6 +29,10 @@ from fedfactory.generative.aegmm import (
 from fedfactory.generative.edm import EDMParams, edm_loss, heun_sample
 from fedfactory.generative.unet import UNet
 from fedfactory.seeding import derive_seed, torch_generator
+
+
+class GeneratorTrainingError(FedFactoryError, ValueError):
+    """A generative module diverged (a NaN or Inf loss)."""
 
 
 def network_config(cfg: GeneratorConfig, image_shape: tuple[int, int, int]) -> dict:
@@ -168,7 +173,8 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
     bar.close()
     if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"{desc}: the training loss is {loss.item()}; lower generator.lr")
+        raise GeneratorTrainingError(f"{desc}: the training loss is {loss.item()}; lower generator.lr or check the "
+                                     "training images")
     ema = ema.cpu().eval()
     training["final_loss"] = float(loss.item())
     if cfg.family == "aegmm":
