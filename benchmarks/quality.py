@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +41,6 @@ def validation_split(labels: np.ndarray, per_class: int = 1000, seed: int = 123)
         val.append(rows[rng.permutation(len(rows))[:per_class]])
     val = np.sort(np.concatenate(val))
     return np.setdiff1d(np.arange(len(labels)), val), val
-
-
-def parse_value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text, text)
 
 
 def truncate_residual(manifest: dict, tensors: dict, rank: int) -> tuple[dict, dict]:
@@ -105,9 +95,11 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    cfg = load_config(args.config)
-    overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
-    gcfg = replace(cfg.generator, **overrides)
+    # The package's own override parser: types are checked and an unknown key is refused with the valid ones.
+    cfg = load_config(args.config, [f"generator.{s}" for s in args.set]
+                      + [f"classifier.{s}" for s in args.cls] + [f"classifier.epochs={args.epochs}"])
+    gcfg, ccfg = cfg.generator, cfg.classifier
+    overrides = {k: getattr(gcfg, k) for k, _ in (s.split("=", 1) for s in args.set)}
     train, _ = load_dataset("fashion-mnist", None, 0)
     fit_rows, val_rows = validation_split(train.labels)
     fit, val = train.subset(fit_rows), train.subset(val_rows)
@@ -143,8 +135,7 @@ def main():
     t0 = time.perf_counter()
     images, labels, _ = synthesize(modules, train.num_classes, args.samples, 0, device, progress=False)
     sample_s = time.perf_counter() - t0
-    cls = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.cls)}
-    ccfg = replace(cfg.classifier, epochs=args.epochs, **cls)
+    cls = {k: getattr(ccfg, k) for k, _ in (s.split("=", 1) for s in args.cls)}
     sigmas = [float(s) for s in args.blur.split(",")] if args.blur else [float(np.mean(blurs))]
     for sigma in sigmas:
         t0 = time.perf_counter()

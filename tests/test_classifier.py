@@ -54,3 +54,15 @@ def test_non_finite_loss_stops_training_at_its_step():
     images, labels = tiny_images(16)
     with pytest.raises(TrainingError, match=r"loss is nan at epoch 1/2, step 2/2; lower classifier.lr \(now 1e\+30\)"):
         train_classifier(images, labels, 2, replace(TINY, lr=1e30), 0, torch.device("cpu"), progress=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("classifier.noise_std=-0.1", "classifier.noise_std=-0.1: must be >= 0"),
+    ("generator.adversarial=-1", "generator.adversarial=-1.0: must be >= 0"),
+    ("generator.adversarial_start=2", "generator.adversarial_start=2.0: must lie in [0, 1]"),
+    ("generator.steps_per_image=-0.5", "generator.steps_per_image=-0.5: must be >= 0"),
+])
+def test_augmentation_and_generator_budget_keys_refuse_bad_values(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert str(e.value).startswith(message)
