@@ -1,9 +1,11 @@
 """End-to-end benchmark of `fedfactory run` on a preset, one or more generator families, one table.
 
-Runs each family as a subprocess under /usr/bin/time -v (peak resident memory) and collects metrics.json:
-accuracy, ratio to the centralized reference measured in the same run, train s, sample s, bytes per module.
+Runs each family (and each root seed) as a subprocess under /usr/bin/time -v (peak resident memory) and
+collects metrics.json: accuracy, ratio to the centralized reference measured in the same run, train s, sample s,
+bytes per module. With several seeds the table ends with the mean and the sample standard deviation per family.
 
   python benchmarks/factory.py --config fashion-mnist --families aegmm --name fashion-mnist-silos
+  python benchmarks/factory.py --config fashion-mnist --seeds 0,1,2 --name fashion-mnist-silos-seeds
 """
 
 import argparse
@@ -11,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +23,11 @@ from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, pr
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_one(config: str, family: str, out: Path, overrides: list[str]) -> dict:
+def run_one(config: str, family: str, seed: int | None, out: Path, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "fedfactory.cli", "run", "--config", config, f"run.out={out}",
            f"generator.family={family}", "run.progress=false", *overrides]
+    if seed is not None:
+        cmd.append(f"run.seed={seed}")
     timer = ["/usr/bin/time", "-v"] if shutil.which("/usr/bin/time") else []
     proc = subprocess.run(timer + cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -30,7 +35,7 @@ def run_one(config: str, family: str, out: Path, overrides: list[str]) -> dict:
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     m = json.loads((out / "metrics.json").read_text())
     sizes = list(m["bytes"]["per_module"].values())
-    return {"family": family, "command": " ".join(["python", "-m", "fedfactory.cli", *cmd[3:]]),
+    return {"family": family, "seed": seed, "command": " ".join(["python", "-m", "fedfactory.cli", *cmd[3:]]),
             "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
             "auroc": m["auroc"], "centralized_accuracy": m["reference"]["centralized"]["accuracy"],
             "ratio": m["reference"]["accuracy_ratio"], "per_class_accuracy": m["per_class_accuracy"],
@@ -41,30 +46,56 @@ def run_one(config: str, family: str, out: Path, overrides: list[str]) -> dict:
             "classifier_input_blur": m.get("classifier_input_blur")}
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        group = [r for r in rows if r["family"] == family]
+        entry = {"family": family, "seeds": len(group)}
+        for key in ("accuracy", "centralized_accuracy", "ratio", "end_to_end_s"):
+            values = [r[key] for r in group]
+            entry[f"{key}_mean"] = statistics.mean(values)
+            entry[f"{key}_std"] = statistics.stdev(values)
+        out.append(entry)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="fashion-mnist")
     p.add_argument("--families", default="aegmm")
     p.add_argument("--name", required=True)
+    p.add_argument("--seeds", default="", help="comma-separated root seeds; empty: the preset's own")
     p.add_argument("--runs", default="benchmarks/runs")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     rows = []
     for family in args.families.split(","):
-        out = Path(args.runs) / f"{args.name}-{family}"
-        rows.append(run_one(args.config, family, out, args.overrides))
-        print(json.dumps(rows[-1]), flush=True)
+        for seed in seeds:
+            out = Path(args.runs) / (f"{args.name}-{family}" + ("" if seed is None else f"-seed{seed}"))
+            rows.append(run_one(args.config, family, seed, out, args.overrides))
+            print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     source = provenance(__file__, sys.argv[1:])
-    result = source | {"cpu_threads": os.cpu_count(), "rows": rows}
+    summary = summarize(rows) if len(seeds) > 1 else []
+    result = source | {"cpu_threads": os.cpu_count(), "rows": rows, "summary": summary}
     atomic_write_json(RESULTS / f"{args.name}.json", result)
     lines = [f"# {args.name}", "", provenance_line(source), "",
-             "| family | accuracy | centralized | ratio | train s | sample s | classifier s | end-to-end s | "
-             "bytes/module | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| family | seed | accuracy | centralized | ratio | train s | sample s | classifier s | end-to-end s | "
+             "bytes/module | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['accuracy']:.4f} | {r['centralized_accuracy']:.4f} | {r['ratio']:.3f} | "
+        seed = "preset" if r["seed"] is None else r["seed"]
+        lines.append(f"| {r['family']} | {seed} | {r['accuracy']:.4f} | {r['centralized_accuracy']:.4f} | "
+                     f"{r['ratio']:.3f} | "
                      f"{r['train_s']:.0f} | {r['sample_s']:.0f} | {r['classifier_s']:.0f} | {r['end_to_end_s']:.0f} | "
                      f"{r['bytes_per_module']:.0f} | {r['peak_rss_mib'] or float('nan'):.0f} |")
+    if summary:
+        lines += ["", "Mean and sample standard deviation over seeds:", "",
+                  "| family | seeds | accuracy | centralized | ratio | end-to-end s |", "|---|---|---|---|---|---|"]
+        for s in summary:
+            lines.append(f"| {s['family']} | {s['seeds']} | {s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f} | "
+                         f"{s['centralized_accuracy_mean']:.4f} ± {s['centralized_accuracy_std']:.4f} | "
+                         f"{s['ratio_mean']:.3f} ± {s['ratio_std']:.3f} | {s['end_to_end_s_mean']:.0f} |")
     atomic_write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
