@@ -1,6 +1,7 @@
 """Command line: `fedfactory run [--config FILE|PRESET] [section.key=value ...]`, `fedfactory report RUN_DIR`,
 `fedfactory unlearn RUN_DIR --client K [--verify]`, `fedfactory inspect MODULE|DIR`,
-`fedfactory compare [--config FILE|PRESET] [--methods m1,m2] [section.key=value ...]`."""
+`fedfactory compare [--config FILE|PRESET] [--methods m1,m2] [section.key=value ...]`,
+`fedfactory split-sites [--config FILE|PRESET] --out DIR [section.key=value ...]`."""
 
 import argparse
 import json
@@ -49,6 +50,17 @@ def cmd_unlearn(args) -> int:
     if cert["verified"] is False:
         print(f"fedfactory: verification failed: {cert['verification']['summary']}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_split_sites(args) -> int:
+    from fedfactory.federation.sites import split_sites
+
+    cfg = load_config(args.config, args.overrides)
+    doc = split_sites(cfg, Path(args.out))
+    for site, counts in doc["sites"].items():
+        print(f"{site}: {counts['train']} training and {counts['test']} test images in {args.out}/{site}")
+    print(f"run config for the deployment: {doc['run_config']}")
     return 0
 
 
@@ -137,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                    "fedavg, fedprox, scaffold, feddyn, centralized, local-only")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("split-sites", help="write the run's partition as one image folder per site "
+                       "(DIR/<site>/train/<class>/*.png, DIR/<site>/test/...) and DIR/federation.toml, to try a "
+                       "real Flower deployment", epilog="keys: " + ", ".join(valid_keys()))
+    p.add_argument("--config", default=None, help="TOML file or preset name in configs/ (digits, fashion-mnist, ...)")
+    p.add_argument("--out", required=True, help="folder to write; must not exist or be empty")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_split_sites)
     p = sub.add_parser("report", help="write RUN_DIR/report.html (also written at the end of `run`)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--show-real", action="store_true",

@@ -26,8 +26,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # digits | fashion-mnist | cifar10 | medmnist:<subset> | isic2019
+    dataset: str = "digits"  # digits | fashion-mnist | cifar10 | medmnist:<subset> | isic2019 | imagefolder
     root: str = ""  # directory of the dataset files; "" = the dataset's default location
+    # imagefolder: the global class list, comma-separated (a Flower run-config value is a scalar); index = position.
+    classes: str = ""
+    test_root: str = ""  # a folder of <class>/*.png to evaluate on instead of the dataset's test split
     image_size: int = 0  # resize square images to this size; 0 = native
     partition: str = "pathological"  # iid | pathological | dirichlet | natural
     num_clients: int = 10
@@ -141,6 +144,15 @@ def valid_keys() -> list[str]:
     return [f"{s.name}.{f.name}" for s in fields(Config) for f in fields(s.type)]
 
 
+def class_list(text: str) -> tuple[str, ...]:
+    """The class names of `data.classes` ("benign,melanoma,nevus"): class index = position in the list."""
+    names = tuple(n.strip() for n in text.split(",")) if text.strip() else ()
+    if not names or any(not n or "/" in n or n.startswith(".") for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"data.classes={text!r}: expected distinct class names joined by commas (the names of the "
+                          "class folders), e.g. data.classes='benign,melanoma,nevus'")
+    return names
+
+
 def _coerce(key: str, value, kind: type):
     """Check or convert a TOML value or override string to the field's type."""
     if isinstance(value, str) and kind is not str:
@@ -191,6 +203,8 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"generator.adversarial={cfg.generator.adversarial}: must be >= 0 (0 turns it off)")
     if not 0 <= cfg.generator.adversarial_start <= 1:
         raise ConfigError(f"generator.adversarial_start={cfg.generator.adversarial_start}: must lie in [0, 1]")
+    if cfg.data.dataset == "imagefolder" or cfg.data.classes:
+        class_list(cfg.data.classes)
     if cfg.data.alpha <= 0:
         raise ConfigError(f"data.alpha={cfg.data.alpha}: the Dirichlet concentration must be > 0")
     if cfg.data.image_size and not 4 <= cfg.data.image_size <= 1024:

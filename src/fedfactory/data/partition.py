@@ -206,6 +206,27 @@ def implied_cells(histogram, min_samples: int = 1) -> dict[tuple[int, int], int]
     return {(int(k), int(c)): int(hist[k, c]) for k, c in zip(*np.nonzero(hist >= max(min_samples, 1)), strict=True)}
 
 
+def split_test_by_holders(labels: np.ndarray, histogram: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Deal test rows out to sites like their training data: class c's rows go to the sites holding c, in
+    proportion to their training counts (largest remainder); a class no site holds is dealt round-robin to all.
+
+    Disjoint, and the union is every row, so scoring the sites' test sets together is scoring the whole test set.
+    """
+    hist = np.atleast_2d(np.asarray(histogram, dtype=np.int64))  # (sites, classes)
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(hist))]
+    for c in range(hist.shape[1]):
+        rows = rng.permutation(np.flatnonzero(np.asarray(labels) == c))
+        weights = hist[:, c] if hist[:, c].sum() > 0 else np.ones(len(hist), dtype=np.int64)
+        exact = weights / weights.sum() * len(rows)
+        take = np.floor(exact).astype(np.int64)
+        order = np.argsort(-(exact - take), kind="stable")
+        take[order[: len(rows) - int(take.sum())]] += 1
+        for k, chunk in enumerate(np.split(rows, np.cumsum(take)[:-1])):
+            parts[k].append(chunk)
+    return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts]
+
+
 def format_histogram(hist: np.ndarray, class_names) -> str:
     """Fixed-width table of a class histogram: one row per client, plus totals."""
     hist = np.asarray(hist)

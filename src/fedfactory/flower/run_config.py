@@ -19,6 +19,9 @@ SECTION = "flower"
 class FlowerConfig:
     wait_nodes: float = 300.0  # seconds the ServerApp waits for data.num_clients SuperNodes to connect
     train_timeout: float = 86400.0  # seconds: TTL of a train message, and how long the server awaits replies
+    # true: every SuperNode reads its own site's data (node config `site`, `data-root`) and the server holds none;
+    # false: every SuperNode takes partition `partition-id` of the dataset the run config names (simulation).
+    deployment: bool = False
 
 
 def flower_keys() -> list[str]:
@@ -40,7 +43,12 @@ def parse_run_config(run_config: Mapping[str, object]) -> tuple[Config, FlowerCo
         name = key.removeprefix(SECTION + ".")
         if name not in {f.name for f in fields(FlowerConfig)}:
             raise ConfigError(f"unknown config key {key!r}; valid {SECTION} keys: {', '.join(flower_keys())}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if name == "deployment":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}={value!r}: expected true or false")
+            values[name] = value
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{key}={value!r}: expected a number of seconds > 0")
-        values[name] = float(value)
+        else:
+            values[name] = float(value)
     return cfg, FlowerConfig(**values)
