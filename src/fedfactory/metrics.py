@@ -1,38 +1,75 @@
-"""Classification metrics from predicted probabilities (scikit-learn), as plain JSON-ready values."""
+"""Classification metrics as plain JSON-ready values, computed from counts only.
+
+A test set is summarised by counts that add up across sites: the confusion matrix and, for every class c, the
+histograms of the predicted probability p_c over the images of class c and over the others. Every metric is
+computed from those counts, so a federation whose sites each score their own test images and return only counts
+gets exactly the metrics of one evaluation on the union of their test sets.
+"""
 
 import numpy as np
-from sklearn import metrics as skm
+
+NUM_BINS = 1000  # probability bins of width 1/NUM_BINS for the one-vs-rest AUROC
 
 
-def evaluate(probs: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict:
-    """Accuracy, balanced accuracy, macro F1/precision/recall, macro one-vs-rest AUROC, per-class accuracy."""
-    num_classes = len(class_names)
-    pred = probs.argmax(1)
-    cm = skm.confusion_matrix(labels, pred, labels=np.arange(num_classes))
-    support = cm.sum(1)
+def score_counts(probs: np.ndarray, labels: np.ndarray, num_classes: int, num_bins: int = NUM_BINS) -> dict:
+    """The counts of predicted probabilities (N, C) against labels (N,): confusion (C, C) [true, predicted],
+    positive (C, B) and negative (C, B): for class c, how many images of class c (of another class) got p_c in
+    each bin."""
+    labels = np.asarray(labels, dtype=np.int64)
+    pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+    confusion = np.bincount(labels * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, -1)
+    bins = np.clip(np.floor(np.asarray(probs, np.float64) * num_bins), 0, num_bins - 1).astype(np.int64)  # (N, C)
+    positive = np.zeros((num_classes, num_bins), dtype=np.int64)
+    negative = np.zeros((num_classes, num_bins), dtype=np.int64)
+    for c in range(num_classes):
+        own = labels == c
+        positive[c] = np.bincount(bins[own, c], minlength=num_bins)
+        negative[c] = np.bincount(bins[~own, c], minlength=num_bins)
+    return {"confusion": confusion, "positive": positive, "negative": negative}
+
+
+def binned_auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), a tie within one bin counting one half (Mann-Whitney)."""
+    below = np.cumsum(negative) - negative  # negatives in lower bins
+    pairs = float(positive.sum()) * float(negative.sum())
+    return float((positive * (below + 0.5 * negative)).sum() / pairs)
+
+
+def metrics_from_counts(confusion: np.ndarray, positive: np.ndarray, negative: np.ndarray,
+                        class_names: tuple[str, ...]) -> dict:
+    """Accuracy, balanced accuracy, macro F1/precision/recall and macro one-vs-rest AUROC over the classes present
+    in the test labels, per-class accuracy, the confusion matrix and num_test."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    support, predicted, tp = cm.sum(1), cm.sum(0), np.diag(cm)
     per_class = {name: (float(cm[c, c] / support[c]) if support[c] else None) for c, name in enumerate(class_names)}
-    present = np.unique(labels)
-    # AUROC is defined only for classes present in the test labels; renormalise over them.
-    if len(present) > 1:
-        sub = probs[:, present] / np.clip(probs[:, present].sum(1, keepdims=True), 1e-12, None)
-        if len(present) == 2:
-            auroc = float(skm.roc_auc_score(labels == present[1], sub[:, 1]))
-        else:
-            auroc = float(skm.roc_auc_score(labels, sub, multi_class="ovr", average="macro", labels=present))
-    else:
-        auroc = None
-    p, r, f, _ = skm.precision_recall_fscore_support(labels, pred, labels=present, average="macro", zero_division=0)
+    present = np.flatnonzero(support)
+    total = int(cm.sum())
+    if total == 0:
+        return {"accuracy": None, "balanced_accuracy": None, "macro_f1": None, "macro_precision": None,
+                "macro_recall": None, "auroc": None, "per_class_accuracy": per_class, "confusion_matrix": cm.tolist(),
+                "num_test": 0}
+    # Precision of a class never predicted counts as 0 (scikit-learn's zero_division=0).
+    precision = np.array([tp[c] / predicted[c] if predicted[c] else 0.0 for c in present])
+    recall = tp[present] / support[present]
+    f1 = np.array([2 * tp[c] / (support[c] + predicted[c]) for c in present])
+    # One-vs-rest AUROC is defined for a class present among the labels with some other class present too.
+    auroc = float(np.mean([binned_auroc(positive[c], negative[c]) for c in present])) if len(present) > 1 else None
     return {
-        "accuracy": float((pred == labels).mean()),
-        "balanced_accuracy": float(np.mean([cm[c, c] / support[c] for c in present])),
-        "macro_f1": float(f),
-        "macro_precision": float(p),
-        "macro_recall": float(r),
+        "accuracy": float(tp.sum() / total),
+        "balanced_accuracy": float(np.mean(recall)),
+        "macro_f1": float(np.mean(f1)),
+        "macro_precision": float(np.mean(precision)),
+        "macro_recall": float(np.mean(recall)),
         "auroc": auroc,
         "per_class_accuracy": per_class,
         "confusion_matrix": cm.tolist(),
-        "num_test": int(len(labels)),
+        "num_test": total,
     }
+
+
+def evaluate(probs: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict:
+    """The metrics of predicted probabilities (N, C) against labels (N,), through the same counts a site sends."""
+    return metrics_from_counts(**score_counts(probs, labels, len(class_names)), class_names=class_names)
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:

@@ -29,7 +29,9 @@ MAX_FILE_BYTES = 256 << 20
 Expected = Callable[[dict], dict[str, tuple[tuple[int, ...], str]]]
 
 # [0-9] rather than \d: \d also matches non-ASCII digits, which would smuggle odd names into paths.
-_MODULE_ID_RE = re.compile(r"client-[0-9]{3,6}_class-[0-9]{3,6}")
+# A deployment's module ids carry the site name instead of a partition index: "hospital-a_class-002".
+_SITE_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
+_MODULE_ID_RE = re.compile(r"(?:client-[0-9]{3,6}|(?!client-[0-9]+_)[a-z][a-z0-9-]{0,39})_class-[0-9]{3,6}")
 _FAMILY_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_ID = 999_999  # the widest id the six-digit module id pattern can hold
@@ -92,18 +94,30 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
-def module_id(client_id: int, class_id: int) -> str:
-    """Module id for a client and class, e.g. "client-003_class-007"."""
+def is_site_name(name: object) -> bool:
+    """A deployment site's name: lowercase letters, digits and dashes, up to 40, not of the simulation's form."""
+    return isinstance(name, str) and bool(_SITE_RE.fullmatch(name)) and not re.fullmatch(r"client-[0-9]+", name)
+
+
+def module_id(client_id: int | str, class_id: int) -> str:
+    """Module id for a client (a partition index, or a deployment's site name) and class, e.g.
+    "client-003_class-007" or "hospital-a_class-007"."""
+    if isinstance(client_id, str) and not is_site_name(client_id):
+        raise ValueError(f"site name {_show(client_id)} must be 1 to 40 lowercase letters, digits and dashes, "
+                         "starting with a letter (e.g. hospital-a), and not client-<number>")
     for label, value in (("client_id", client_id), ("class_id", class_id)):
+        if isinstance(value, str) and label == "client_id":
+            continue
         if not _is_int(value) or not 0 <= value <= _MAX_ID:
             raise ValueError(f"{label} must be an int in [0, {_MAX_ID}], got {_show(value)}")
-    return f"client-{client_id:03d}_class-{class_id:03d}"
+    client = client_id if isinstance(client_id, str) else f"client-{client_id:03d}"
+    return f"{client}_class-{class_id:03d}"
 
 
 def module_filename(mid: str) -> str:
     """File name of a module; refuses anything that is not a module id, so no path can be smuggled in."""
     if not isinstance(mid, str) or not _MODULE_ID_RE.fullmatch(mid):
-        raise ValueError(f"module id must look like 'client-003_class-007', got {_show(mid)}")
+        raise ValueError(f"module id must look like 'client-003_class-007' or 'hospital-a_class-007', got {_show(mid)}")
     return mid + ".safetensors"
 
 
@@ -207,14 +221,16 @@ def _check_manifest(manifest: object, source: str) -> None:
     if unknown:
         raise _refuse(source, f"manifest has unknown keys {', '.join(_show(k) for k in unknown[:5])}")
     m = manifest
-    for key in ("client_id", "class_id"):
-        if not _is_int(m[key]) or m[key] < 0:
-            raise _refuse(source, f"{key} must be an int >= 0, got {_show(m[key])}")
+    if not (_is_int(m["client_id"]) and m["client_id"] >= 0) and not is_site_name(m["client_id"]):
+        raise _refuse(source, f"client_id must be an int >= 0 or a site name, got {_show(m['client_id'])}")
+    if not _is_int(m["class_id"]) or m["class_id"] < 0:
+        raise _refuse(source, f"class_id must be an int >= 0, got {_show(m['class_id'])}")
     mid = m["module_id"]
     if not isinstance(mid, str) or not _MODULE_ID_RE.fullmatch(mid):
         raise _refuse(source, f"module_id {_show(mid)} does not look like 'client-003_class-007'")
     # Formatted directly: ids past six digits must be refused here, not raise from module_id().
-    if mid != f"client-{m['client_id']:03d}_class-{m['class_id']:03d}":
+    client = m["client_id"] if isinstance(m["client_id"], str) else f"client-{m['client_id']:03d}"
+    if mid != f"{client}_class-{m['class_id']:03d}":
         raise _refuse(
             source,
             f"module_id {_show(mid)} does not match client_id {m['client_id']}, class_id {m['class_id']}",
