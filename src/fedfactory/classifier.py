@@ -162,6 +162,19 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     return model.eval()
 
 
+def classifier_from_state(state: dict[str, torch.Tensor], image_channels: int, num_classes: int,
+                          cfg: ClassifierConfig, input_blur: float = 0.0) -> nn.Module:
+    """The classifier train_classifier built, with the weights of a saved state dict (strict: every tensor)."""
+    model = build_classifier(image_channels, num_classes, cfg.width, input_blur, cfg.norm)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise TrainingError(f"the classifier's weights do not fit a {image_channels}-channel, {num_classes}-class "
+                            f"network of width {cfg.width} ({str(e).splitlines()[0]}); run with the same config "
+                            "and images of the same mode (grayscale or RGB)") from None
+    return model.eval()
+
+
 def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1000) -> np.ndarray:
     """Class probabilities (N, num_classes) as float64 for uint8 images (N, H, W, C)."""
     return np.exp(predict_log_proba(model, images, device, batch_size))

@@ -107,7 +107,9 @@ def read_run(run_dir: Path) -> RunFiles:
 
 def expected_modules(partition: dict, min_samples: int = 1) -> list[str]:
     """Module ids the partition implies: one per (client, class) cell with at least min_samples real images."""
-    return [module_id(k, c) for k, c in implied_cells(partition["histogram"], min_samples)]
+    # A deployment's partition.json names its sites (module ids carry the site name); a simulation's numbers them.
+    clients = partition.get("sites") or list(range(len(partition["histogram"])))
+    return [module_id(clients[k], c) for k, c in implied_cells(partition["histogram"], min_samples)]
 
 
 # HTML and figure helpers.
@@ -294,7 +296,7 @@ def section_partition(run: RunFiles) -> str:
         raise ValueError(f"partition.json: histogram is {hist.shape}, expected clients x {len(names)} counts >= 0")
     fig = Figure(figsize=(min(9.0, 0.3 * len(names) + 1.6), min(9.0, 0.24 * len(hist) + 1.1)), layout="constrained")
     ax = fig.subplots()
-    heatmap(ax, hist.astype(float), names, [str(k) for k in range(len(hist))], hist, cmap="Greens")
+    heatmap(ax, hist.astype(float), names, [str(k) for k in p.get("sites") or range(len(hist))], hist, cmap="Greens")
     ax.set_xlabel("class")
     ax.set_ylabel("client")
     ax.set_title("Real training samples per client and class", fontsize=10)
@@ -310,6 +312,8 @@ def real_images(run: RunFiles, per_module: int) -> tuple[dict[str, np.ndarray], 
     """Module id -> up to `per_module` real training images of that client and class, with a note on failure."""
     if run.config is None or run.partition is None:
         return {}, "Real images need config.toml and partition.json."
+    if "indices" not in run.partition:
+        return {}, "Real images are not shown: this is a deployment, whose server holds no training data."
     try:
         train, _ = load_data(run.config.data)
     except (ValueError, OSError) as e:

@@ -8,6 +8,7 @@ load data -> partition -> client modules (G_{k,c}, one file each) -> synthesis -
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,34 +136,47 @@ def write_metrics(cfg: Config, metrics: dict, rows: list[tuple[str, dict]], out:
     return table
 
 
-def server_stage(cfg: Config, modules: list[Module], train: ImageDataset, test: ImageDataset, out: Path,
-                 device: torch.device, timer: Timer) -> dict:
-    """Synthesize a class-balanced set from the modules, train the classifier, evaluate it; write the results.
+Score = Callable[[torch.nn.Module, float], dict]  # (classifier, its input blur) -> metrics (metrics.py's keys)
 
-    `train` supplies class names and, for the centralized reference only, the pooled real data.
+
+def test_set_score(test: ImageDataset, device: torch.device) -> Score:
+    """Score a classifier on a test set held here."""
+    return lambda model, blur: evaluate(predict_proba(model, test.images, device), test.labels, test.class_names)
+
+
+def server_stage(cfg: Config, modules: list[Module], class_names: tuple[str, ...], score: Score, out: Path,
+                 device: torch.device, timer: Timer, pooled: tuple[ImageDataset, ImageDataset] | None = None,
+                 test_name: str = "test set") -> dict:
+    """Synthesize a class-balanced set from the modules, train the classifier, score it; write the results.
+
+    `score` evaluates the classifier: on a test set held here, or by the sites of a deployment (counts only).
+    `pooled` (train, test) is the real data for the centralized reference, when this process holds it.
     """
+    num_classes = len(class_names)
     t0 = time.perf_counter()
-    images, labels, plan = synthesize(modules, train.num_classes, cfg.synthesis.samples_per_class, cfg.run.seed,
+    images, labels, plan = synthesize(modules, num_classes, cfg.synthesis.samples_per_class, cfg.run.seed,
                                       device, cfg.synthesis.batch_size, progress=cfg.run.progress)
     timer.add("synthesis", time.perf_counter() - t0)
     log.info("synthesized %d images from %d modules in %.1fs", len(images), len(modules), timer.timings["synthesis"])
-    write_samples_png(images, labels, train.class_names, out / "samples.png")
+    write_samples_png(images, labels, class_names, out / "samples.png")
 
     blur = input_blur(cfg, modules)
     t0 = time.perf_counter()
-    model = train_classifier(images, labels, train.num_classes, cfg.classifier,
+    model = train_classifier(images, labels, num_classes, cfg.classifier,
                              derive_seed(cfg.run.seed, "classifier"), device, progress=cfg.run.progress,
                              input_blur=blur)
     timer.add("classifier", time.perf_counter() - t0)
     save_classifier(model, out / "classifier.safetensors")
 
     t0 = time.perf_counter()
-    metrics = evaluate(predict_proba(model, test.images, device), test.labels, test.class_names)
+    metrics = score(model, blur)
     timer.add("evaluation", time.perf_counter() - t0)
     timer.add("end_to_end", time.perf_counter() - timer.start)
 
     # Centralized reference: the same classifier and recipe on the pooled real training data.
-    rows = [("factory-server", metrics)] + centralized_reference(cfg, train, test, device, timer, blur, metrics)
+    rows = [("factory-server", metrics)]
+    if pooled is not None:
+        rows += centralized_reference(cfg, *pooled, device, timer, blur, metrics)
 
     sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
     present = {m["class_id"] for m, _ in modules}
@@ -171,12 +185,12 @@ def server_stage(cfg: Config, modules: list[Module], train: ImageDataset, test: 
         "bytes": bytes_per_client([m for m, _ in modules], sizes),
         "synthesis_plan": plan,
         "modules": sorted(sizes),
-        "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in present],
+        "missing_classes": [class_names[c] for c in range(num_classes) if c not in present],
     }
     table = write_metrics(cfg, metrics, rows, out, device, blur)
     if metrics["missing_classes"]:
         log.info("no module for classes %s: the classifier never sees them", metrics["missing_classes"])
-    log.info("results (%s, %d test images):\n%s", test.name, len(test), table)
+    log.info("results (%s, %d test images):\n%s", test_name, metrics["num_test"], table)
     log.info("timings (s): %s", json.dumps(timer.timings))
     return metrics
 
@@ -251,7 +265,8 @@ def factory_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], t
     """The stage that follows the clients for cfg's classifier mode: server_stage or local_stage."""
     if cfg.classifier.mode == "local":
         return local_stage(cfg, modules, parts, train, test, out, device, timer)
-    return server_stage(cfg, modules, train, test, out, device, timer)
+    return server_stage(cfg, modules, train.class_names, test_set_score(test, device), out, device, timer,
+                        pooled=(train, test), test_name=test.name)
 
 
 def start_run(cfg: Config, kind: str = "run") -> tuple[Path, torch.device, Timer, ImageDataset, ImageDataset,

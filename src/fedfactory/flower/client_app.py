@@ -1,26 +1,45 @@
-"""The ClientApp: a SuperNode trains one module per class its partition holds and replies with their bytes.
+"""The ClientApp: a SuperNode trains one module per class it holds and replies with their bytes.
 
-The node's partition comes from its node config, `partition-id` and `num-partitions`: the Simulation Engine sets
-them for each virtual SuperNode; a real SuperNode gets them with `--node-config "partition-id=0 num-partitions=3"`.
-Each node loads the dataset itself (data.dataset, data.root) and takes its own partition with the run's seed,
-the same split the in-process runner makes, so the modules are the same bits.
+Simulation (flower.deployment=false): the node's partition comes from its node config, `partition-id` and
+`num-partitions`: the Simulation Engine sets them for each virtual SuperNode; a real SuperNode gets them with
+`--node-config "partition-id=0 num-partitions=3"`. Each node loads the dataset itself (data.dataset, data.root) and
+takes its own partition with the run's seed, the same split the in-process runner makes, so the modules are the
+same bits.
+
+Deployment (flower.deployment=true): the node is a site with its own data, `--node-config "site='hospital-a'
+data-root='/srv/data'"`, an image folder `train/<class>/`, optional `test/<class>/`, classes named in the run's
+data.classes. It uses all its files, replies with its images per class and its modules (ids carry the site name),
+and on an evaluate message scores its test folder with the server's classifier and replies with counts only.
 """
 
 import logging
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from safetensors.torch import load
 
-from fedfactory.config import Config, config_hash
-from fedfactory.data.datasets import ImageDataset, load_data
+from fedfactory.classifier import classifier_from_state, predict_proba
+from fedfactory.config import Config, ConfigError, class_list, config_hash
+from fedfactory.data.datasets import ImageDataset, load_data, read_class_folders
 from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
-from fedfactory.federation.client import train_client_modules
+from fedfactory.errors import FedFactoryError
+from fedfactory.federation.client import held_classes, train_client_modules
 from fedfactory.flower.run_config import parse_run_config
-from fedfactory.flower.wire import TASK, reply_content
-from fedfactory.generative.artifact import module_to_bytes
+from fedfactory.flower.wire import (
+    TASK,
+    classifier_bytes,
+    counts_content,
+    reply_content,
+    site_error_content,
+    site_reply_content,
+)
+from fedfactory.generative.artifact import is_site_name, module_to_bytes
+from fedfactory.metrics import score_counts
 
 # Flower configures this logger in SuperNode and simulation processes, so these lines reach the node's console.
 log = logging.getLogger("flwr")
@@ -42,13 +61,33 @@ def node_partition(node_config: dict, num_clients: int) -> int:
     return k
 
 
+def node_site(node_config: dict) -> tuple[str, Path]:
+    """This site's name and data folder, from the node config of a deployment."""
+    site, root = node_config.get("site"), node_config.get("data-root")
+    fix = "start the SuperNode with --node-config \"site='hospital-a' data-root='/path/to/site/data'\""
+    if "partition-id" in node_config and site is None:
+        raise ConfigError(f"this run is a deployment (flower.deployment=true) but the node config gives a "
+                          f"partition-id, not a site; {fix}")
+    if not is_site_name(site):
+        raise ConfigError(f"node config site={site!r}: a site name is 1 to 40 lowercase letters, digits and dashes "
+                          f"starting with a letter, e.g. hospital-a; {fix}")
+    if not isinstance(root, str) or not Path(root).expanduser().is_dir():
+        raise ConfigError(f"site {site}: node config data-root={root!r} is not a folder; {fix}")
+    return site, Path(root).expanduser()
+
+
+def site_train_data(cfg: Config, root: Path) -> ImageDataset:
+    """All of this site's training images: `root/train/<class>/`, classes indexed by data.classes."""
+    return read_class_folders(root / "train", class_list(cfg.data.classes), cfg.data.image_size)
+
+
 def local_data(cfg: Config, client_id: int) -> ImageDataset:
     """This node's training rows: the dataset loaded here, partition `client_id` taken with the run's seed."""
     train, _ = load_data(cfg.data)
     return train.subset(split_clients(cfg.data, cfg.run.seed, train)[client_id])
 
 
-def train_modules(data: ImageDataset, client_id: int, cfg: Config, device: torch.device,
+def train_modules(data: ImageDataset, client_id: int | str, cfg: Config, device: torch.device,
                   skip: frozenset[str] = frozenset()) -> dict[str, bytes]:
     """Module id -> module file bytes, for every held class not in `skip`."""
     return {m.manifest["module_id"]: module_to_bytes(m.tensors, m.manifest)[0]
@@ -59,13 +98,54 @@ def train_modules(data: ImageDataset, client_id: int, cfg: Config, device: torch
 def train(msg: Message, context: Context) -> Message:
     """Train this node's modules and reply with their bytes."""
     t0 = time.perf_counter()
-    cfg, _ = parse_run_config(context.run_config)
-    k = node_partition(dict(context.node_config), cfg.data.num_clients)
+    cfg, fl = parse_run_config(context.run_config)
     task = msg.content.config_records[TASK]
     skip = frozenset(task.get("skip", []))
     device = select_device(cfg.run.device, cfg.run.threads)
+    if fl.deployment:
+        site, root = node_site(dict(context.node_config))
+        try:
+            data = site_train_data(cfg, root)
+            counts = {data.class_names[c]: n for c, n in held_classes(data).items()}
+            modules = train_modules(data, site, cfg, device, skip)
+        except FedFactoryError as e:
+            # The site's own data is at fault: say so under the site's name, so the server can name it.
+            log.info("fedfactory site %s: %s", site, e)
+            return Message(site_error_content(site, config_hash(cfg), str(e)), reply_to=msg)
+        seconds = time.perf_counter() - t0
+        log.info("fedfactory site %s: %d images of %d classes, trained %d modules, %d bytes, in %.1fs", site,
+                 len(data), len(counts), len(modules), sum(map(len, modules.values())), seconds)
+        return Message(site_reply_content(site, config_hash(cfg), counts, modules, seconds), reply_to=msg)
+    k = node_partition(dict(context.node_config), cfg.data.num_clients)
     modules = train_modules(local_data(cfg, k), k, cfg, device, skip)
     seconds = time.perf_counter() - t0
     log.info("fedfactory client %d: trained %d modules, %d bytes, in %.1fs", k, len(modules),
              sum(map(len, modules.values())), seconds)
     return Message(reply_content(k, config_hash(cfg), modules, seconds), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the server's classifier on this site's test folder; reply with counts only (metrics.score_counts)."""
+    t0 = time.perf_counter()
+    cfg, fl = parse_run_config(context.run_config)
+    if not fl.deployment:
+        raise ConfigError("evaluate messages belong to a deployment (flower.deployment=true)")
+    site, root = node_site(dict(context.node_config))
+    classes = class_list(cfg.data.classes)
+    task = msg.content.config_records[TASK]
+    if task.get("config-hash") != config_hash(cfg):
+        raise ConfigError(f"site {site}: the classifier comes from a run with another config")
+    device = select_device(cfg.run.device, cfg.run.threads)
+    if (root / "test").is_dir():
+        test = read_class_folders(root / "test", classes, cfg.data.image_size)
+        model = classifier_from_state(load(classifier_bytes(msg.content)), test.images.shape[3], len(classes),
+                                      cfg.classifier, float(task.get("input-blur", 0.0))).to(device)
+        probs, labels = predict_proba(model, test.images, device), test.labels
+    else:
+        log.info("fedfactory site %s: no test folder in %s, nothing to score", site, root)
+        probs, labels = np.zeros((0, len(classes))), np.zeros(0, dtype=np.int64)
+    counts = score_counts(probs, labels, len(classes))
+    seconds = time.perf_counter() - t0
+    log.info("fedfactory site %s: scored %d test images in %.1fs", site, len(labels), seconds)
+    return Message(counts_content(site, config_hash(cfg), counts, seconds), reply_to=msg)

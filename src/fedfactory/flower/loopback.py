@@ -158,12 +158,19 @@ def venv_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def site_node_config(site: str, data_root: str | Path) -> str:
+    """The node config of a deployment site: its name and its data folder."""
+    return f"site='{site}' data-root='{Path(data_root).resolve()}'"
+
+
 def start(home: str | Path, num_nodes: int, simulation: bool, startup_timeout_s: float = 60.0,
-          num_cpus: int = 0, partitions: tuple[int, ...] | None = None) -> Federation:
+          num_cpus: int = 0, partitions: tuple[int, ...] | None = None,
+          node_configs: list[str] | None = None) -> Federation:
     """Start a SuperLink (simulation or deployment) and, for deployment, `num_nodes` SuperNodes on loopback.
 
     Node k gets `--node-config "partition-id=k num-partitions=num_nodes"`; in simulation the engine sets them.
-    `partitions` starts only those SuperNodes (deployment), as if the others were down.
+    `partitions` starts only those SuperNodes (deployment), as if the others were down. `node_configs` starts one
+    SuperNode per node config instead (a deployment's sites, see site_node_config).
     """
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -186,10 +193,13 @@ def start(home: str | Path, num_nodes: int, simulation: bool, startup_timeout_s:
             if done.returncode != 0:
                 raise RuntimeError(f"flwr federation simulation-config failed:\n{done.stdout}{done.stderr}")
         else:
-            for k in range(num_nodes) if partitions is None else partitions:
+            if node_configs is None:
+                node_configs = [f"partition-id={k} num-partitions={num_nodes}"
+                                for k in (range(num_nodes) if partitions is None else partitions)]
+            for k, node_config in enumerate(node_configs):
                 fed._start(f"supernode-{k}", [
                     venv_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                    "--port", str(free_port()), "--node-config", f"partition-id={k} num-partitions={num_nodes}"])
+                    "--port", str(free_port()), "--node-config", node_config])
     except BaseException:
         fed.stop()
         raise

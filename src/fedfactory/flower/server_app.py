@@ -11,21 +11,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+import torch
+from flwr.app import Array, Context, Message
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save
 
-from fedfactory.config import Config, ConfigError, config_hash
-from fedfactory.data.datasets import ImageDataset
+from fedfactory.config import Config, ConfigError, class_list, config_hash
+from fedfactory.data.datasets import ImageDataset, read_class_folders
 from fedfactory.data.partition import class_histogram, implied_cells
+from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.factory import trained_as_asked
-from fedfactory.federation.runner import factory_stage, reusable_module, start_run
+from fedfactory.federation.runner import Score, factory_stage, reusable_module, server_stage, start_run, test_set_score
 from fedfactory.flower.run_config import FlowerConfig, parse_run_config
-from fedfactory.flower.wire import CLIENT, MODULES, TRAIN, module_bytes, task_content, wire_bytes
-from fedfactory.generative.artifact import ModuleError, module_filename, module_from_bytes, module_id
+from fedfactory.flower.wire import (
+    CLIENT,
+    COUNTS,
+    EVALUATE,
+    MODULES,
+    TRAIN,
+    classifier_content,
+    module_bytes,
+    task_content,
+    wire_bytes,
+)
+from fedfactory.generative.artifact import ModuleError, is_site_name, module_filename, module_from_bytes, module_id
+from fedfactory.metrics import NUM_BINS, metrics_from_counts
 from fedfactory.registry import load_registry, module_spec
 from fedfactory.report import write_report
-from fedfactory.runs import atomic_write_bytes, atomic_write_json
+from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging
 
 log = logging.getLogger("fedfactory")
 
@@ -45,6 +59,9 @@ class Collected:
     train_seconds: dict[int, float] = field(default_factory=dict)  # client id -> seconds the node reported
     errors: list[dict] = field(default_factory=list)  # replies refused: node id and reason
     rejected: list[dict] = field(default_factory=list)  # modules refused: node, client, module id and reason
+    expected: dict[int | str, list[str]] = field(default_factory=dict)  # deployment: site -> modules its counts imply
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # deployment: site -> class name -> images
+    site_errors: dict[str, str] = field(default_factory=dict)  # deployment: site -> why it delivered nothing
 
 
 def expected_modules(train: ImageDataset, parts: list[np.ndarray], min_samples: int = 1) -> dict[int, list[str]]:
@@ -106,6 +123,37 @@ def _client_of(reply: Message, cfg: Config, got: Collected) -> int:
     return k
 
 
+def take_modules(reply: Message, node: int, k: int | str, expected: list[str] | tuple, cfg: Config, modules_dir: Path,
+                 got: Collected, counts: dict[int, int] | None = None) -> None:
+    """Validate every module of a reply with the registry's loader; write the good ones, record the rest.
+
+    `counts` (deployment): class id -> the images the site reported; a module must say the same.
+    """
+    for mid, array in reply.content.array_records[MODULES].items():
+        source = f"node {node} client {k} module {mid[:40]!r}"
+        try:
+            # Only ids the server expects from this client: this also keeps any path out of file names.
+            if mid not in expected:
+                raise ModuleError(f"{source}: client {k} holds no such class in this run's partition"
+                                  if counts is None else f"{source}: site {k} reported no such class")
+            data = module_bytes(array, source)
+            manifest, _ = module_from_bytes(data, source, expected=module_spec)
+            if manifest["module_id"] != mid:
+                raise ModuleError(f"{source}: its manifest says {manifest['module_id']}")
+            if counts is not None and manifest["num_samples"] != counts.get(manifest["class_id"]):
+                raise ModuleError(f"{source}: trained on {manifest['num_samples']} images, the site reported "
+                                  f"{counts.get(manifest['class_id'])}")
+            if reason := trained_as_asked(manifest, cfg):
+                raise ModuleError(f"{source}: {reason}")
+        except ModuleError as e:
+            got.rejected.append({"node_id": node, "client_id": k, "module_id": mid[:40], "reason": str(e)})
+            log.info("rejected: %s", e)
+            continue
+        atomic_write_bytes(modules_dir / module_filename(mid), data)
+        got.accepted[k].append(mid)
+        got.module_bytes[k] += len(data)
+
+
 def collect(replies: list[Message], node_of: dict[str, int], cfg: Config, expected: dict[int, list[str]],
             modules_dir: Path) -> Collected:
     """Validate every module in the replies with the registry's loader; write the good ones, report the rest."""
@@ -126,25 +174,7 @@ def collect(replies: list[Message], node_of: dict[str, int], cfg: Config, expect
         got.wire_bytes[k] = wire_bytes(reply)
         seconds = reply.content.config_records[CLIENT].get("train-seconds")
         got.train_seconds[k] = float(seconds) if isinstance(seconds, (int, float)) else 0.0
-        for mid, array in reply.content.array_records[MODULES].items():
-            source = f"node {node} client {k} module {mid[:40]!r}"
-            try:
-                # Only ids the server expects from this client: this also keeps any path out of file names.
-                if mid not in expected.get(k, ()):
-                    raise ModuleError(f"{source}: client {k} holds no such class in this run's partition")
-                data = module_bytes(array, source)
-                manifest, _ = module_from_bytes(data, source, expected=module_spec)
-                if manifest["module_id"] != mid:
-                    raise ModuleError(f"{source}: its manifest says {manifest['module_id']}")
-                if reason := trained_as_asked(manifest, cfg):
-                    raise ModuleError(f"{source}: {reason}")
-            except ModuleError as e:
-                got.rejected.append({"node_id": node, "client_id": k, "module_id": mid[:40], "reason": str(e)})
-                log.info("rejected: %s", e)
-                continue
-            atomic_write_bytes(modules_dir / module_filename(mid), data)
-            got.accepted[k].append(mid)
-            got.module_bytes[k] += len(data)
+        take_modules(reply, node, k, expected.get(k, ()), cfg, modules_dir, got)
         log.info("client %d (node %d): %d modules accepted, %d module bytes, %d bytes on the wire", k, node,
                  len(got.accepted[k]), got.module_bytes[k], got.wire_bytes[k])
     return got
@@ -167,9 +197,216 @@ def failure_report(got: Collected, expected: dict[int, list[str]], present: set[
         },
     }
 
+def _site_of(reply: Message, cfg: Config, classes: tuple[str, ...], got: Collected) -> tuple[str, dict[int, int]]:
+    """The site a deployment reply answers for and its images per class id, after checking what it claims."""
+    if not reply.has_content():
+        raise ReplyError("reply has no content")
+    info, modules = reply.content.config_records.get(CLIENT), reply.content.array_records.get(MODULES)
+    if info is None or modules is None:
+        raise ReplyError(f"reply lacks the {CLIENT!r} ConfigRecord or the {MODULES!r} ArrayRecord")
+    site = info.get("site")
+    if not is_site_name(site):
+        raise ReplyError(f"site {str(site)[:40]!r} is not a site name (lowercase letters, digits, dashes)")
+    if site in got.node_of or site in got.site_errors:
+        raise ReplyError(f"site {site} already answered from node {got.node_of.get(site)}; two SuperNodes share "
+                         "a site name: give every SuperNode its own --node-config site")
+    if info.get("config-hash") != config_hash(cfg):
+        raise ReplyError(f"site {site} ran with a different config (hash {str(info.get('config-hash'))[:12]})")
+    if isinstance(info.get("error"), str):
+        got.site_errors[site] = info["error"]
+        raise ReplyError(f"site {site} failed: {info['error']}")
+    names, counts = info.get("classes"), info.get("counts")
+    if not isinstance(names, list) or not isinstance(counts, list) or len(names) != len(counts) or not names:
+        raise ReplyError(f"site {site} sent no class counts (classes and counts must be equal-length lists)")
+    unknown = [str(n)[:40] for n in names if n not in classes]
+    if unknown:
+        raise ReplyError(f"site {site} reports classes {unknown} outside data.classes={','.join(classes)!r}")
+    if len(set(names)) != len(names):
+        raise ReplyError(f"site {site} reports a class twice: {names}")
+    if any(type(n) is not int or n <= 0 for n in counts):
+        raise ReplyError(f"site {site} reports counts {counts[:10]}: each must be a positive integer")
+    return site, {classes.index(name): n for name, n in zip(names, counts, strict=True)}
+
+
+def collect_sites(replies: list[Message], node_of: dict[str, int], cfg: Config, classes: tuple[str, ...],
+                  modules_dir: Path) -> Collected:
+    """A deployment's train replies: each site's counts (validated) and the modules they imply, checked and
+    written as `collect` does."""
+    got = Collected()
+    for reply in replies:
+        node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error():
+            got.errors.append({"node_id": node, "reason": reply.error.reason})
+            log.info("node %d failed: %s", node, reply.error.reason)
+            continue
+        try:
+            site, held = _site_of(reply, cfg, classes, got)
+        except ReplyError as e:
+            got.errors.append({"node_id": node, "reason": str(e)})
+            log.info("node %d: reply refused: %s", node, e)
+            continue
+        got.accepted[site], got.node_of[site], got.module_bytes[site] = [], node, 0
+        got.wire_bytes[site] = wire_bytes(reply)
+        got.counts[site] = {classes[c]: n for c, n in sorted(held.items())}
+        seconds = reply.content.config_records[CLIENT].get("train-seconds")
+        got.train_seconds[site] = float(seconds) if isinstance(seconds, (int, float)) else 0.0
+        hist = np.zeros(len(classes), dtype=np.int64)
+        hist[list(held)] = list(held.values())
+        got.expected[site] = [module_id(site, c) for _, c in implied_cells(hist, cfg.generator.min_samples)]
+        take_modules(reply, node, site, got.expected[site], cfg, modules_dir, got, counts=held)
+        log.info("site %s (node %d): %d images of %d classes, %d modules accepted, %d module bytes, %d bytes on "
+                 "the wire", site, node, sum(held.values()), len(held), len(got.accepted[site]),
+                 got.module_bytes[site], got.wire_bytes[site])
+    return got
+
+
+def site_counts(reply: Message, site: str, num_classes: int) -> dict[str, np.ndarray]:
+    """The counts an evaluate reply carries, after checking their shapes and that they add up."""
+    if reply.has_error():
+        raise ReplyError(reply.error.reason)
+    info, arrays = reply.content.config_records.get(CLIENT), reply.content.array_records.get(COUNTS)
+    if info is None or arrays is None or info.get("site") != site:
+        raise ReplyError(f"evaluate reply is not from site {site} or carries no {COUNTS!r} ArrayRecord")
+    shapes = {"confusion": (num_classes, num_classes), "positive": (num_classes, NUM_BINS),
+              "negative": (num_classes, NUM_BINS)}
+    counts = {}
+    for key, shape in shapes.items():
+        array = arrays.get(key)
+        if not isinstance(array, Array) or array.stype != "numpy.ndarray" or tuple(array.shape) != shape:
+            raise ReplyError(f"site {site}: counts {key!r} must be a numpy array of shape {shape}")
+        counts[key] = array.numpy()
+        if counts[key].dtype != np.int64 or (counts[key] < 0).any():
+            raise ReplyError(f"site {site}: counts {key!r} must be non-negative int64")
+    total = counts["confusion"].sum()
+    if not ((counts["positive"].sum(1) == counts["confusion"].sum(1)).all()
+            and ((counts["positive"] + counts["negative"]).sum(1) == total).all()):
+        raise ReplyError(f"site {site}: the histograms do not add up to its confusion matrix")
+    return counts
+
+
+def score_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, classes: tuple[str, ...],
+                   report: dict) -> Score:
+    """The server's Score in a deployment: send the classifier to every site that trained, sum the counts they
+    return, compute the metrics from the sums. Records per site what was scored and the bytes in `report`."""
+
+    def score(model: torch.nn.Module, blur: float) -> dict:
+        weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        sites = sorted(got.node_of)
+        messages = [Message(classifier_content(weights, config_hash(cfg), blur), dst_node_id=got.node_of[site],
+                            message_type=EVALUATE, ttl=fl.train_timeout) for site in sites]
+        down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
+        replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
+        site_of_node = {node: site for site, node in got.node_of.items()}
+        total = None
+        scored, failed, up = {}, {}, {}
+        for reply in replies:
+            site = site_of_node[node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)]
+            try:
+                counts = site_counts(reply, site, len(classes))
+            except ReplyError as e:
+                failed[site] = str(e)
+                log.info("site %s: evaluation failed: %s", site, e)
+                continue
+            up[site] = wire_bytes(reply)
+            scored[site] = int(counts["confusion"].sum())
+            total = counts if total is None else {k: total[k] + v for k, v in counts.items()}
+            log.info("site %s scored %d test images", site, scored[site])
+        for node in silent:
+            failed[site_of_node[node]] = f"no reply within flower.train_timeout={fl.train_timeout}s"
+        if total is None:
+            raise RuntimeError(f"no site returned evaluation counts; failures: {failed}")
+        report["evaluation"] = {"sites": dict(sorted(scored.items())), "failed_sites": dict(sorted(failed.items())),
+                                "bytes_down": down, "bytes_up": dict(sorted(up.items()))}
+        metrics = metrics_from_counts(**total, class_names=classes)
+        if cfg.data.test_root:
+            # A public test set the server itself owns, scored here as well.
+            public = read_class_folders(cfg.data.test_root, classes, cfg.data.image_size)
+            report["public_test"] = test_set_score(public, model_device(model))(model, blur)
+        return metrics
+
+    return score
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
+    """The server of a deployment: it holds no data; the sites send modules and their counts, then score the
+    classifier on their own test folders and send counts back."""
+    if cfg.reference.centralized:
+        raise ConfigError("reference.centralized=true pools the sites' real training data, which a deployment's "
+                          "server never holds; set reference.centralized=false")
+    if cfg.classifier.mode != "server":
+        raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} is not implemented for a deployment; use server")
+    classes = class_list(cfg.data.classes)
+    check_run_dir(cfg)
+    device, timer = select_device(cfg.run.device, cfg.run.threads), Timer()
+    out = prepare_run_dir(cfg).resolve()
+    setup_logging(out)
+    log.info("flower deployment %s on %s, config %s, classes %s", out, device, config_hash(cfg)[:12],
+             ",".join(classes))
+    have = [p.stem for p in sorted((out / "modules").glob("*.safetensors")) if reusable_module(p, cfg)]
+    if have:
+        log.info("reusing %d modules from an earlier attempt (hash checked); sites skip them", len(have))
+
+    t0 = time.perf_counter()
+    nodes = wait_for_nodes(grid, cfg.data.num_clients, fl.wait_nodes)
+    if not nodes:
+        raise RuntimeError(f"no SuperNode connected within flower.wait_nodes={fl.wait_nodes}s")
+    if len(nodes) < cfg.data.num_clients:
+        log.info("only %d of %d SuperNodes connected within %.0fs; going on without the others", len(nodes),
+                 cfg.data.num_clients, fl.wait_nodes)
+    messages = [Message(task_content(config_hash(cfg), have), dst_node_id=n, message_type=TRAIN,
+                        ttl=fl.train_timeout) for n in nodes]
+    train_down = wire_bytes(messages[0])
+    replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
+    timer.add("clients_round_trip", time.perf_counter() - t0)
+    got = collect_sites(replies, node_of, cfg, classes, out / "modules")
+    for node in silent:
+        got.errors.append({"node_id": node, "reason": f"no reply within flower.train_timeout={fl.train_timeout}s"})
+    if got.train_seconds:
+        timer.add("client_training", sum(got.train_seconds.values()))
+    sites = sorted(got.node_of)
+    # What the server knows of the data: the counts the sites reported, nothing else.
+    atomic_write_json(out / "partition.json", {
+        "scheme": "sites", "num_clients": len(sites), "class_names": list(classes), "sites": sites,
+        "histogram": [[got.counts[s].get(c, 0) for c in classes] for s in sites]})
+
+    modules = load_registry(out / "modules")
+    if not modules:
+        raise RuntimeError(f"no site delivered a module, nothing to synthesize from; errors: {got.errors}")
+    present = {m["module_id"] for m, _ in modules}
+    report = {
+        "sites": sites,
+        "failed_sites": dict(sorted(got.site_errors.items())),
+        "missing_modules": sorted(mid for mids in got.expected.values() for mid in mids if mid not in present),
+        "flower": {
+            "nodes": nodes,
+            "node_of_site": {s: got.node_of[s] for s in sites},
+            "errors": got.errors,
+            "rejected_modules": got.rejected,
+            "bytes_on_wire": {s: got.wire_bytes[s] for s in sites},
+            "bytes_down_on_wire": {s: train_down for s in sites},
+            "module_bytes_received": {s: got.module_bytes[s] for s in sites},
+            "site_counts": {s: got.counts[s] for s in sites},
+        },
+    }
+    for site, reason in report["failed_sites"].items():
+        log.info("site %s delivered no modules: %s", site, reason)
+    score = score_at_sites(grid, cfg, fl, got, classes, report)
+    metrics = server_stage(cfg, modules, classes, score, out, device, timer, test_name="the sites' test folders")
+    metrics |= report
+    atomic_write_json(out / "metrics.json", metrics)
+    log.info("report: %s", write_report(out, device=device))
+    return metrics
+
+
 
 def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     """The whole server side of a Flower run; returns the metrics written to metrics.json."""
+    if fl.deployment:
+        return serve_sites(grid, cfg, fl)
     if cfg.classifier.mode != "server":
         # "local" mode sends every client the others' modules: a second round these apps do not implement yet.
         raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} runs only with `fedfactory run`; use server")

@@ -8,6 +8,7 @@ in a ConfigRecord, because Flower splits Arrays into chunks of FLWR_PRIVATE_MAX_
 large modules stream; the custom stype keeps Flower from ever calling `np.load` on them.
 """
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedfactory.generative.artifact import MAX_FILE_BYTES, ModuleError
@@ -16,7 +17,11 @@ MODULE_STYPE = "fedfactory.safetensors"
 TRAIN = "train"  # message type: train every module this node holds
 TASK = "fedfactory-task"  # ConfigRecord of the instruction: config-hash, skip (module ids the server has)
 MODULES = "modules"  # ArrayRecord of the reply: module id -> Array holding the module file's bytes
-CLIENT = "fedfactory-client"  # ConfigRecord of the reply: client-id, config-hash, train-seconds
+CLIENT = "fedfactory-client"  # ConfigRecord of the reply: client-id (or site, classes, counts), config-hash, ...
+EVALUATE = "evaluate"  # message type: score this classifier on the site's test folder, reply with counts only
+CLASSIFIER = "classifier"  # ArrayRecord of an evaluate message: "weights" -> the classifier's safetensors bytes
+CLASSIFIER_STYPE = "fedfactory.classifier"
+COUNTS = "counts"  # ArrayRecord of an evaluate reply: confusion, positive, negative (metrics.score_counts)
 
 
 def module_array(data: bytes) -> Array:
@@ -33,6 +38,42 @@ def module_bytes(array: object, source: str) -> bytes:
         raise ModuleError(f"{source}: payload shape {tuple(array.shape)} does not describe its {len(array.data)} "
                           f"bytes or is over {MAX_FILE_BYTES}; send module_to_bytes output")
     return bytes(array.data)
+
+
+def classifier_content(weights: bytes, config_hash: str, input_blur: float) -> RecordDict:
+    """An evaluate message: the classifier's safetensors bytes and what a site needs to rebuild it."""
+    array = Array(dtype="uint8", shape=(len(weights),), stype=CLASSIFIER_STYPE, data=weights)
+    return RecordDict({CLASSIFIER: ArrayRecord({"weights": array}),
+                       TASK: ConfigRecord({"config-hash": config_hash, "input-blur": input_blur})})
+
+
+def classifier_bytes(content: RecordDict) -> bytes:
+    array = content.array_records[CLASSIFIER]["weights"]
+    if not isinstance(array, Array) or array.stype != CLASSIFIER_STYPE:
+        raise ValueError(f"the evaluate message carries no {CLASSIFIER_STYPE!r} payload")
+    return bytes(array.data)
+
+
+def site_reply_content(site: str, config_hash: str, counts: dict[str, int], modules: dict[str, bytes],
+                       train_seconds: float) -> RecordDict:
+    """A deployment site's train reply: its name, its images per class (class name -> count), its modules."""
+    info = ConfigRecord({"site": site, "config-hash": config_hash, "train-seconds": train_seconds,
+                         "classes": list(counts), "counts": list(counts.values())})
+    return RecordDict({MODULES: ArrayRecord({mid: module_array(data) for mid, data in modules.items()}),
+                       CLIENT: info})
+
+
+def site_error_content(site: str, config_hash: str, error: str) -> RecordDict:
+    """A deployment site's train reply when its own data is at fault: its name and what to fix, no modules."""
+    return RecordDict({MODULES: ArrayRecord(), CLIENT: ConfigRecord({"site": site, "config-hash": config_hash,
+                                                                     "error": error})})
+
+
+def counts_content(site: str, config_hash: str, counts: dict[str, np.ndarray], seconds: float) -> RecordDict:
+    """An evaluate reply: the counts of metrics.score_counts, and nothing about any single image."""
+    return RecordDict({COUNTS: ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v))
+                                            for k, v in counts.items()}),
+                       CLIENT: ConfigRecord({"site": site, "config-hash": config_hash, "seconds": seconds})})
 
 
 def task_content(config_hash: str, skip: list[str]) -> RecordDict:

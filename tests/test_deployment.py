@@ -1,0 +1,169 @@
+"""A real deployment: every SuperNode reads only its own site folder, the server holds no data.
+
+Run alone with `pytest -m flower`. Everything stays on 127.0.0.1 with FLWR_HOME in a temp dir; every process
+started here is stopped with its descendants.
+"""
+
+import json
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[flower]'")
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Metadata, RecordDict  # noqa: E402
+from flwr.app.message import make_message  # noqa: E402
+from flwr.common.config import flatten_dict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedfactory.classifier import classifier_from_state, predict_proba  # noqa: E402
+from fedfactory.config import ConfigError, class_list, config_hash, load_config, to_toml  # noqa: E402
+from fedfactory.data.datasets import load_data, read_class_folders, write_class_folders  # noqa: E402
+from fedfactory.flower import loopback  # noqa: E402
+from fedfactory.flower.client_app import app as client_app  # noqa: E402
+from fedfactory.flower.client_app import node_site  # noqa: E402
+from fedfactory.flower.run_config import parse_run_config  # noqa: E402
+from fedfactory.flower.server_app import collect_sites, serve_sites  # noqa: E402
+from fedfactory.flower.wire import CLIENT, MODULES, task_content  # noqa: E402
+from fedfactory.metrics import evaluate  # noqa: E402
+
+pytestmark = pytest.mark.flower
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = {"site-a": (0, 1, 2, 3), "site-b": (4, 5, 6), "site-c": (7, 8, 9)}  # disjoint class sets
+CLASSES = ",".join(map(str, range(10)))
+
+
+def deployment_config(out: Path, num_sites: int):
+    """The server's config: image folders, the class list, and no data path anywhere."""
+    return load_config("tiny", ["run.threads=1", "data.dataset=imagefolder", f"data.classes={CLASSES}",
+                                f"data.num_clients={num_sites}", "reference.centralized=false", f"run.out={out}"])
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    """Three site folders of digits with disjoint classes, and a fourth whose training folder holds a corrupt image."""
+    root = tmp_path_factory.mktemp("sites")
+    train, test = load_data(load_config("tiny").data)
+    for site, classes in SITES.items():
+        write_class_folders(train.subset(np.flatnonzero(np.isin(train.labels, classes))), root / site / "train")
+        write_class_folders(test.subset(np.flatnonzero(np.isin(test.labels, classes))), root / site / "test")
+    write_class_folders(train.subset(np.flatnonzero(train.labels == 1)[:20]), root / "site-d" / "train")
+    (root / "site-d" / "train" / "1" / "000003.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    return root
+
+
+def site_context(root: Path, site: str, run_config: dict, node_id: int = 1) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config={"site": site, "data-root": str(root / site)},
+                   state=RecordDict(), run_config=run_config)
+
+
+def train_message(cfg, node_id: int = 1):
+    md = Metadata(run_id=1, message_id=f"ins-{node_id}", src_node_id=0, dst_node_id=node_id, reply_to_message_id="",
+                  group_id="", created_at=time.time(), ttl=600.0, message_type="train")
+    return make_message(metadata=md, content=task_content(config_hash(cfg), []))
+
+
+def as_reply(content: RecordDict, node_id: int):
+    md = Metadata(run_id=1, message_id=f"rep-{node_id}", src_node_id=node_id, dst_node_id=0,
+                  reply_to_message_id=f"ins-{node_id}", group_id="", created_at=time.time(), ttl=600.0,
+                  message_type="train")
+    return make_message(metadata=md, content=content)
+
+
+def flat(cfg) -> dict:
+    """What a ClientApp's context.run_config holds for the deployment's run config file."""
+    return flatten_dict(tomllib.loads(to_toml(cfg) + "[flower]\ndeployment = true\n"))
+
+
+def test_the_server_checks_what_a_site_claims(sites, tmp_path):
+    cfg = deployment_config(tmp_path / "out", 3)
+    run_config = flat(cfg)
+    good = client_app(train_message(cfg), site_context(sites, "site-b", run_config)).content
+    info, modules = dict(good.config_records[CLIENT]), good.array_records[MODULES]
+    assert info["classes"] == ["4", "5", "6"] and sorted(modules) == [f"site-b_class-00{c}" for c in (4, 5, 6)]
+
+    def lying(node: int, modules=modules, **fields):
+        return as_reply(RecordDict({MODULES: ArrayRecord(dict(modules)), CLIENT: ConfigRecord(info | fields)}), node)
+
+    one = {"site-b_class-004": modules["site-b_class-004"]}
+    replies = [
+        lying(1, classes=["4", "5", "mole"]),  # a class outside data.classes
+        lying(2, counts=[145, 0, 145]),  # a non-positive count
+        lying(3, classes=["4", "4", "6"]),  # a class twice
+        lying(4, site="Site B"),  # not a site name
+        lying(5, one, classes=["4"], counts=[7]),  # the module was trained on more images than reported
+        lying(6, one, site="site-e", classes=["5"], counts=[146]),  # a module of a class it did not report
+    ]
+    got = collect_sites(replies, {f"ins-{n}": n for n in range(1, 7)}, cfg, class_list(CLASSES), tmp_path)
+    reasons = {e["node_id"]: e["reason"] for e in got.errors}
+    assert "outside data.classes" in reasons[1] and "positive integer" in reasons[2]
+    assert "a class twice" in reasons[3] and "not a site name" in reasons[4]
+    assert [r["node_id"] for r in got.rejected] == [5, 6]
+    assert "site reported 7" in got.rejected[0]["reason"] and "reported no such class" in got.rejected[1]["reason"]
+    assert list(tmp_path.iterdir()) == []
+    # A second node claiming a site that already answered is refused, not merged.
+    got = collect_sites([as_reply(good, 7), as_reply(good, 8)], {"ins-7": 7, "ins-8": 8}, cfg, class_list(CLASSES),
+                        tmp_path)
+    assert "already answered from node 7" in got.errors[0]["reason"]
+    # Only the honest reply's modules were written, under the site's name.
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"site-b_class-00{c}.safetensors"
+                                                                      for c in (4, 5, 6)]
+    assert got.counts == {"site-b": {"4": 145, "5": 146, "6": 145}}
+
+
+def test_a_site_is_told_how_to_fix_its_node_config(sites, tmp_path):
+    with pytest.raises(ConfigError, match="partition-id, not a site"):
+        node_site({"partition-id": 0, "num-partitions": 3})
+    with pytest.raises(ConfigError, match="site='Hospital A'.*lowercase"):
+        node_site({"site": "Hospital A", "data-root": str(sites)})
+    with pytest.raises(ConfigError, match="data-root=.*is not a folder"):
+        node_site({"site": "hospital-a", "data-root": str(tmp_path / "absent")})
+    # A site whose own data is at fault answers under its name, so the server can say which site to fix.
+    cfg = deployment_config(tmp_path / "out", 3)
+    reply = client_app(train_message(cfg), site_context(sites, "site-d", flat(cfg))).content
+    assert reply.config_records[CLIENT]["site"] == "site-d"
+    assert "000003.png: cannot decode image" in reply.config_records[CLIENT]["error"]
+    # The server of a deployment holds no data: a centralized reference is refused before anything starts.
+    central = load_config("tiny", ["data.dataset=imagefolder", f"data.classes={CLASSES}"])
+    with pytest.raises(ConfigError, match="reference.centralized=true pools"):
+        serve_sites(None, central, parse_run_config({"flower.deployment": True})[1])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_deployment_trains_from_site_folders_and_evaluates_by_counts(sites, tmp_path):
+    if not Path(loopback.venv_bin("flower-superlink")).is_file():
+        pytest.skip("flower-superlink is not installed next to this Python")
+    out = tmp_path / "run"
+    cfg = deployment_config(out, 4)
+    assert (cfg.data.root, cfg.data.test_root) == ("", "")
+    rc = tmp_path / "rc.toml"
+    rc.write_text(to_toml(cfg) + "\n[flower]\ndeployment = true\nwait_nodes = 120.0\n")
+    node_configs = [loopback.site_node_config(s, sites / s) for s in (*SITES, "site-d")]
+    with loopback.start(tmp_path / "flwr-home", 4, simulation=False, node_configs=node_configs) as fed:
+        done = fed.run(ROOT, rc, timeout_s=300)
+        assert done.returncode == 0, fed.logs()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sites"] == sorted(SITES)
+    assert list(metrics["failed_sites"]) == ["site-d"] and "cannot decode image" in metrics["failed_sites"]["site-d"]
+    assert sorted(metrics["modules"]) == sorted(f"{s}_class-{c:03d}" for s, cs in SITES.items() for c in cs)
+    partition = json.loads((out / "partition.json").read_text())
+    assert partition["sites"] == sorted(SITES) and "indices" not in partition
+    # The metrics from the sites' counts are those of one evaluation on the union of their test folders.
+    classes = class_list(CLASSES)
+    tests = [read_class_folders(sites / s / "test", classes, cfg.data.image_size) for s in SITES]
+    model = classifier_from_state(load_file(out / "classifier.safetensors"), 1, 10, cfg.classifier,
+                                  metrics["classifier_input_blur"])
+    images, labels = np.concatenate([t.images for t in tests]), np.concatenate([t.labels for t in tests])
+    pooled = evaluate(predict_proba(model, images, torch.device("cpu")), labels, classes)
+    assert {k: metrics[k] for k in pooled} == pooled
+    assert metrics["evaluation"]["sites"] == {s: len(t) for s, t in zip(SITES, tests, strict=True)}
+    for s in SITES:
+        assert metrics["flower"]["module_bytes_received"][s] == metrics["bytes"]["per_client"][s]
+        assert metrics["evaluation"]["bytes_down"][s] > 0 and metrics["evaluation"]["bytes_up"][s] > 0
+    log = (out / "log.txt").read_text()
+    assert "site site-d delivered no modules" in log and "scored" in log
