@@ -4,6 +4,8 @@ Run alone with `pytest -m flower`. Everything stays on 127.0.0.1 with FLWR_HOME 
 started here is stopped with its descendants.
 """
 
+import datetime
+import ipaddress
 import json
 import time
 import tomllib
@@ -12,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[flower]'")
 
@@ -55,6 +61,39 @@ def sites(tmp_path_factory):
     write_class_folders(train.subset(np.flatnonzero(train.labels == 1)[:20]), root / "site-d" / "train")
     (root / "site-d" / "train" / "1" / "000003.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     return root
+
+
+def make_security(folder: Path, num_nodes: int, num_registered: int) -> loopback.Security:
+    """A test CA, a SuperLink certificate for 127.0.0.1 signed by it, and an EC key pair per SuperNode; the first
+    num_registered public keys are registered with the SuperLink."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    pem, plain = serialization.Encoding.PEM, serialization.NoEncryption()
+
+    def certificate(subject: str, key, ca_key, is_ca: bool) -> bytes:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedfactory test CA")])
+        b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+        if not is_ca:
+            b = b.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return b.sign(ca_key, hashes.SHA256()).public_bytes(pem)
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    (folder / "ca.crt").write_bytes(certificate("fedfactory test CA", ca_key, ca_key, True))
+    (folder / "server.pem").write_bytes(certificate("127.0.0.1", server_key, ca_key, False))
+    (folder / "server.key").write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
+    for k in range(num_nodes):
+        key = ec.generate_private_key(ec.SECP384R1())  # Flower takes EC keys on NIST curves, in OpenSSH format
+        (folder / f"node-{k}").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, plain))
+        (folder / f"node-{k}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                           serialization.PublicFormat.OpenSSH))
+    return loopback.Security(folder / "ca.crt", folder / "server.pem", folder / "server.key",
+                             tuple(folder / f"node-{k}" for k in range(num_nodes)),
+                             tuple(folder / f"node-{k}.pub" for k in range(num_registered)))
 
 
 def site_context(root: Path, site: str, run_config: dict, node_id: int = 1) -> Context:
@@ -135,7 +174,9 @@ def test_a_site_is_told_how_to_fix_its_node_config(sites, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_deployment_trains_from_site_folders_and_evaluates_by_counts(sites, tmp_path):
+def test_a_deployment_over_tls_trains_from_site_folders_and_evaluates_by_counts(sites, tmp_path):
+    # Four sites (three healthy with disjoint classes, one with a corrupt image) and an intruder whose key was never
+    # registered; TLS on every connection, SuperNode authentication on.
     if not Path(loopback.venv_bin("flower-superlink")).is_file():
         pytest.skip("flower-superlink is not installed next to this Python")
     out = tmp_path / "run"
@@ -143,10 +184,16 @@ def test_a_deployment_trains_from_site_folders_and_evaluates_by_counts(sites, tm
     assert (cfg.data.root, cfg.data.test_root) == ("", "")
     rc = tmp_path / "rc.toml"
     rc.write_text(to_toml(cfg) + "\n[flower]\ndeployment = true\nwait_nodes = 120.0\n")
-    node_configs = [loopback.site_node_config(s, sites / s) for s in (*SITES, "site-d")]
-    with loopback.start(tmp_path / "flwr-home", 4, simulation=False, node_configs=node_configs) as fed:
+    node_configs = [loopback.site_node_config(s, sites / s) for s in (*SITES, "site-d", "site-a")]
+    security = make_security(tmp_path / "keys", num_nodes=5, num_registered=4)
+    with loopback.start(tmp_path / "flwr-home", 4, simulation=False, node_configs=node_configs,
+                        security=security) as fed:
         done = fed.run(ROOT, rc, timeout_s=300)
         assert done.returncode == 0, fed.logs()
+        intruder = (tmp_path / "flwr-home" / "supernode-4.log").read_text()
+        assert "Failed to activate SuperNode" in intruder, fed.logs()
+        assert "No SuperNode found with the given public key" in (tmp_path / "flwr-home" / "superlink.log").read_text()
+        assert "https://127.0.0.1" in (tmp_path / "flwr-home" / "superlink.log").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sites"] == sorted(SITES)
     assert list(metrics["failed_sites"]) == ["site-d"] and "cannot decode image" in metrics["failed_sites"]["site-d"]

@@ -163,26 +163,43 @@ def site_node_config(site: str, data_root: str | Path) -> str:
     return f"site='{site}' data-root='{Path(data_root).resolve()}'"
 
 
+@dataclass(frozen=True)
+class Security:
+    """TLS and SuperNode authentication for a deployment: PEM files of a CA and of the SuperLink's certificate
+    (valid for 127.0.0.1), and the SuperNodes' keys in OpenSSH format (EC, a NIST curve, as Flower requires)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    node_keys: tuple[Path, ...] = ()  # private key of SuperNode k; () = no SuperNode authentication
+    registered: tuple[Path, ...] = ()  # public keys registered with `flwr supernode register` before nodes start
+
+
 def start(home: str | Path, num_nodes: int, simulation: bool, startup_timeout_s: float = 60.0,
           num_cpus: int = 0, partitions: tuple[int, ...] | None = None,
-          node_configs: list[str] | None = None) -> Federation:
+          node_configs: list[str] | None = None, security: Security | None = None) -> Federation:
     """Start a SuperLink (simulation or deployment) and, for deployment, `num_nodes` SuperNodes on loopback.
 
     Node k gets `--node-config "partition-id=k num-partitions=num_nodes"`; in simulation the engine sets them.
     `partitions` starts only those SuperNodes (deployment), as if the others were down. `node_configs` starts one
-    SuperNode per node config instead (a deployment's sites, see site_node_config).
+    SuperNode per node config instead (a deployment's sites, see site_node_config). `security` turns on TLS
+    everywhere and, with node keys, SuperNode authentication (only registered public keys may connect).
     """
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     fed = Federation(home, simulation, num_nodes, env=env)
     port = free_port()
+    trust = f'root-certificates = "{security.ca_cert}"' if security else "insecure = true"
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+                                      f'address = "127.0.0.1:{port}"\n{trust}\n')
+    link_tls = ["--insecure"] if security is None else [
+        "--ssl-ca-certfile", str(security.ca_cert), "--ssl-certfile", str(security.server_cert),
+        "--ssl-keyfile", str(security.server_key), *(["--enable-supernode-auth"] if security.node_keys else [])]
     try:
         # --control-api-address and --fleet-api-address only keep the legacy gRPC servers off 0.0.0.0.
         link = fed._start("superlink", [
-            venv_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+            venv_bin("flower-superlink"), *link_tls, "--disable-runtime-dependency-installation",
             "--port", str(port), "--control-api-address", f"127.0.0.1:{free_port()}",
             *(["--simulation"] if simulation else ["--fleet-api-address", f"127.0.0.1:{free_port()}"])])
         wait_for_port(port, startup_timeout_s, link)
@@ -196,9 +213,17 @@ def start(home: str | Path, num_nodes: int, simulation: bool, startup_timeout_s:
             if node_configs is None:
                 node_configs = [f"partition-id={k} num-partitions={num_nodes}"
                                 for k in (range(num_nodes) if partitions is None else partitions)]
+            for public_key in security.registered if security else ():
+                done = fed.flwr(["supernode", "register", str(public_key), CONNECTION], startup_timeout_s,
+                                log_name="setup")
+                if done.returncode != 0:
+                    raise RuntimeError(f"flwr supernode register failed:\n{done.stdout}{done.stderr}")
             for k, node_config in enumerate(node_configs):
+                node_tls = ["--insecure"] if security is None else ["--root-certificates", str(security.ca_cert)]
+                if security and security.node_keys:
+                    node_tls += ["--auth-supernode-private-key", str(security.node_keys[k])]
                 fed._start(f"supernode-{k}", [
-                    venv_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                    venv_bin("flower-supernode"), *node_tls, "--superlink", f"127.0.0.1:{port}",
                     "--port", str(free_port()), "--node-config", node_config])
     except BaseException:
         fed.stop()
