@@ -24,11 +24,14 @@ pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[f
 from flwr.app import ArrayRecord, ConfigRecord, Context, Metadata, RecordDict  # noqa: E402
 from flwr.app.message import make_message  # noqa: E402
 from flwr.common.config import flatten_dict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from fedfactory.classifier import classifier_from_state, predict_proba  # noqa: E402
+from fedfactory.classifier import classifier_from_state, predict_log_proba, predict_proba  # noqa: E402
+from fedfactory.cli import main  # noqa: E402
 from fedfactory.config import ConfigError, class_list, config_hash, load_config, to_toml  # noqa: E402
 from fedfactory.data.datasets import load_data, read_class_folders, write_class_folders  # noqa: E402
+from fedfactory.federation.factory import product_of_experts  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_site  # noqa: E402
@@ -214,3 +217,70 @@ def test_a_deployment_over_tls_trains_from_site_folders_and_evaluates_by_counts(
         assert metrics["evaluation"]["bytes_down"][s] > 0 and metrics["evaluation"]["bytes_up"][s] > 0
     log = (out / "log.txt").read_text()
     assert "site site-d delivered no modules" in log and "scored" in log
+
+    # Unlearning a site works on the server's run directory; verification needs the sites' data and says so.
+    assert main(["unlearn", str(out), "--client", "site-b", "--verify"]) == 0
+    cert = json.loads((tmp_path / "run-unlearn-client-site-b" / "unlearning.json").read_text())
+    assert [m["module_id"] for m in cert["removed_modules"]] == [f"site-b_class-00{c}" for c in (4, 5, 6)]
+    assert cert["verified"] is None and "stay at the sites" in cert["verification"]["skipped"]
+    assert cert["class_groups"]["only_removed"] == ["4", "5", "6"]
+    unlearned = json.loads((tmp_path / "run-unlearn-client-site-b" / "partition.json").read_text())
+    assert unlearned["histogram"][1] == [0] * 10 and unlearned["histogram"][0] == partition["histogram"][0]
+    assert main(["unlearn", str(out), "--client", "site-x"]) == 2
+
+
+class InProcessGrid:
+    """A Grid whose SuperNodes are the ClientApp called in this process, one node per site folder."""
+
+    def __init__(self, root: Path, sites: list[str], run_config: dict):
+        self.contexts = {100 + i: site_context(root, s, run_config, 100 + i) for i, s in enumerate(sites)}
+        self.replies = {}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            md = Metadata(run_id=1, message_id=f"m{len(self.replies)}", src_node_id=0,
+                          dst_node_id=m.metadata.dst_node_id, reply_to_message_id="", group_id="",
+                          created_at=time.time(), ttl=m.metadata.ttl, message_type=m.metadata.message_type)
+            sent = make_message(metadata=md, content=m.content)
+            self.replies[md.message_id] = client_app(sent, self.contexts[md.dst_node_id])
+            ids.append(md.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch):
+    # Both rounds of local mode with the real ClientApp behind an in-process grid: each site gets the others'
+    # modules, trains its expert, and the product of experts is scored at the sites by counts.
+    out = tmp_path / "local"
+    cfg = load_config("tiny", ["run.threads=1", "data.dataset=imagefolder", f"data.classes={CLASSES}",
+                               "data.num_clients=3", "reference.centralized=false", "classifier.mode=local",
+                               f"run.out={out}"])
+    run_config = flat(cfg)
+    _, fl = parse_run_config(run_config)
+    # What a ServerApp process has set before `main` runs: Message() reads the run and node ids from here.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    metrics = serve_sites(InProcessGrid(sites, list(SITES), run_config), cfg, fl)
+    assert metrics["mode"] == "local" and metrics["experts"] == sorted(SITES)
+    classes = class_list(CLASSES)
+    tests = [read_class_folders(sites / s / "test", classes, cfg.data.image_size) for s in SITES]
+    images, labels = np.concatenate([t.images for t in tests]), np.concatenate([t.labels for t in tests])
+    log_probs = [predict_log_proba(classifier_from_state(load_file(out / "experts" / f"{s}.safetensors"), 1, 10,
+                                                         cfg.classifier, metrics["classifier_input_blur"]),
+                                   images, torch.device("cpu")) for s in SITES]
+    pooled = evaluate(product_of_experts(log_probs), labels, classes)
+    assert {k: metrics[k] for k in pooled} == pooled
+    # Each site downloads every other site's modules and uploads one expert; the bytes are counted.
+    sizes = metrics["bytes"]["per_module"]
+    for s in SITES:
+        others = sum(n for mid, n in sizes.items() if not mid.startswith(s + "_"))
+        assert metrics["bytes"]["down_per_client"][s] == others
+        assert metrics["experts"] and metrics["flower"]["bytes_on_wire"][s] > 0
+    assert json.loads((out / "metrics.json").read_text())["experts"] == sorted(SITES)

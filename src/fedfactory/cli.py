@@ -5,6 +5,7 @@
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,9 +45,12 @@ def cmd_report(args) -> int:
 def cmd_unlearn(args) -> int:
     from fedfactory.federation.unlearning import unlearn
 
-    cert = unlearn(args.run_dir, clients=args.client or (), modules=args.module or (), out=args.out,
-                   verify=args.verify)
+    # A simulation numbers its clients; a deployment names its sites (module ids carry the name).
+    clients = [int(k) if re.fullmatch(r"-?[0-9]+", k) else k for k in args.client or ()]
+    cert = unlearn(args.run_dir, clients=clients, modules=args.module or (), out=args.out, verify=args.verify)
     print(f"unlearned run: {cert['out']} (certificate: {cert['out']}/unlearning.json)")
+    if "skipped" in cert.get("verification", {}):
+        print(f"fedfactory: verification skipped: {cert['verification']['skipped']}", file=sys.stderr)
     if cert["verified"] is False:
         print(f"fedfactory: verification failed: {cert['verification']['summary']}", file=sys.stderr)
         return 1
@@ -164,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("unlearn", help="write a new run without a client's modules: re-synthesize, retrain, evaluate")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--client", type=int, action="append", metavar="K",
-                   help="remove every module of client K (repeatable)")
+    p.add_argument("--client", action="append", metavar="K",
+                   help="remove every module of client K, or of site K in a deployment's run (repeatable)")
     p.add_argument("--module", action="append", metavar="MODULE_ID",
                    help="remove one module, e.g. client-003_class-007 (repeatable)")
     p.add_argument("--out", default=None, help="new run directory (default: RUN_DIR-unlearn-client-K); must not exist")

@@ -36,13 +36,14 @@ import torch
 from safetensors.torch import load_file
 
 from fedfactory.config import Config, apply, config_hash, load_config, to_toml
-from fedfactory.data.datasets import ImageDataset, load_data
+from fedfactory.data.datasets import ImageDataset, load_data, read_class_folders
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import train_client_modules
-from fedfactory.federation.runner import factory_stage
+from fedfactory.federation.runner import factory_stage, server_stage, test_set_score
 from fedfactory.generative.artifact import module_filename, module_id, save_module, weights_sha256
+from fedfactory.metrics import metrics_from_counts, score_counts
 from fedfactory.registry import Module, load_registry
 from fedfactory.report import write_report
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, atomic_write_text, setup_logging, sha256_file
@@ -104,7 +105,9 @@ def read_source(run_dir: Path) -> tuple[Config, dict, dict]:
     cfg = load_config(str(run_dir / "config.toml"))
     for name in ("partition.json", "metrics.json", TRAINED[cfg.classifier.mode], "modules"):
         require(name)
-    partition_doc = read_object(run_dir / "partition.json", ("indices", "histogram", "class_names"))
+    # A deployment's partition.json names its sites and holds only the counts they reported, no row indices.
+    keys = ("sites",) if read_object(run_dir / "partition.json", ()).get("scheme") == "sites" else ("indices",)
+    partition_doc = read_object(run_dir / "partition.json", (*keys, "histogram", "class_names"))
     metrics = read_object(run_dir / "metrics.json", ("accuracy", "confusion_matrix", "per_class_accuracy"))
     if metrics.get("config_hash") != config_hash(cfg):
         log.warning("%s/config.toml no longer hashes to the config recorded in metrics.json; the before/after "
@@ -132,11 +135,12 @@ def client_parts(partition_doc: dict, train: ImageDataset, num_clients: int) -> 
     return parts
 
 
-def check_registry_matches(manifests: dict[str, dict], parts: list[np.ndarray], train: ImageDataset,
-                           min_samples: int) -> None:
-    """Every (client, class) cell the partition implies has exactly one module, trained on that many real images."""
-    hist = class_histogram(train.labels, parts, train.num_classes)
-    held = {module_id(k, c): n for (k, c), n in implied_cells(hist, min_samples).items()}
+def check_registry_matches(manifests: dict[str, dict], hist: np.ndarray, min_samples: int,
+                           clients: list[int | str] | None = None) -> None:
+    """Every (client, class) cell of the class histogram that implies a module has exactly one, trained on that many
+    real images. `clients` names the histogram's rows (a deployment's sites); default 0, 1, ..."""
+    clients = clients or list(range(len(hist)))
+    held = {module_id(clients[k], c): n for (k, c), n in implied_cells(hist, min_samples).items()}
     declared = {mid: m["num_samples"] for mid, m in manifests.items()}
     if held != declared:
         diff = sorted(set(held.items()) ^ set(declared.items()))[:3]
@@ -149,8 +153,11 @@ def select_removed(manifests: dict[str, dict], num_clients: int, clients, module
     if not clients and not modules:
         raise UnlearningError("nothing to unlearn: name at least one client or module")
     removed = set()
+    sites = sorted({m["client_id"] for m in manifests.values() if isinstance(m["client_id"], str)})
     for k in clients:
-        if type(k) is not int or not 0 <= k < num_clients:
+        if sites and k not in sites:
+            raise UnlearningError(f"unknown site {k!r}: {run_dir} has modules of sites {', '.join(sites)}")
+        if not sites and (type(k) is not int or not 0 <= k < num_clients):
             raise UnlearningError(f"unknown client {k!r}: {run_dir} has clients 0..{num_clients - 1}")
         own = {mid for mid, m in manifests.items() if m["client_id"] == k}
         if not own:
@@ -318,6 +325,44 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def deployment_stage(cfg: Config, partition_doc: dict, source: dict[str, dict], removed: list[str], clients,
+                     run_dir: Path, before: dict, stage: Path, device: torch.device,
+                     timer: Timer) -> tuple[dict, list[Module]]:
+    """Unlearning in a deployment's run directory: the server holds the modules and the sites' counts, no data.
+
+    The classifier is retrained from the remaining modules exactly as the server trained it; it is scored on
+    data.test_root when the server owns one, otherwise not at all here (the test images stay at the sites).
+    """
+    class_names = tuple(partition_doc["class_names"])
+    check_confusion(before, len(class_names), run_dir)
+    sites, hist = list(partition_doc["sites"]), np.asarray(partition_doc["histogram"], dtype=np.int64)
+    if hist.shape != (len(sites), len(class_names)):
+        raise UnlearningError(f"{run_dir / 'partition.json'}: histogram is not sites x classes; restore it")
+    check_registry_matches(source, hist, cfg.generator.min_samples, sites)
+    for k in clients:
+        hist[sites.index(k)] = 0
+    for mid in removed:
+        hist[sites.index(source[mid]["client_id"]), source[mid]["class_id"]] = 0
+    withdrawn = sorted(set(partition_doc.get("withdrawn_modules", [])) | set(removed))
+    atomic_write_json(stage / "partition.json", partition_doc | {"histogram": hist.tolist(),
+                                                                 "withdrawn_modules": withdrawn})
+    atomic_write_text(stage / "config.toml", to_toml(cfg))
+    for mid in source:
+        if mid not in removed:
+            name = module_filename(mid)
+            atomic_write_bytes(stage / "modules" / name, (run_dir / "modules" / name).read_bytes())
+    registry = load_registry(stage / "modules")
+    if cfg.data.test_root:
+        score = test_set_score(read_class_folders(cfg.data.test_root, class_names, cfg.data.image_size), device)
+    else:
+        log.info("not scored: the test images of a deployment stay at its sites; rerun the federation, or set "
+                 "data.test_root to a test set the server owns")
+        empty = score_counts(np.zeros((0, len(class_names))), np.zeros(0, np.int64), len(class_names))
+        score = lambda model, blur: metrics_from_counts(**empty, class_names=class_names)  # noqa: E731
+    after = server_stage(cfg, registry, class_names, score, stage, device, timer, test_name="no test set here")
+    return after, registry
+
+
 def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> dict:
     """Write a new run directory without the given clients' (or modules') modules; returns the certificate."""
     run_dir = Path(run_dir)
@@ -343,32 +388,39 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
         setup_logging(stage)
         log.info("unlearning %s from %s into %s", ", ".join(removed), run_dir, out)
 
-        # Load the data and withdraw the removed modules' rows from the partition.
-        t0 = time.perf_counter()
-        train, test = load_data(new_cfg.data)
-        parts = client_parts(partition_doc, train, cfg.data.num_clients)
-        check_confusion(before, train.num_classes, run_dir)
-        check_registry_matches(source, parts, train, cfg.generator.min_samples)
-        parts = withdraw_rows(parts, train.labels, [source[mid] for mid in removed], clients)
-        withdrawn = sorted(set(partition_doc.get("withdrawn_modules", [])) | set(removed))
-        atomic_write_json(stage / "partition.json", partition_doc | {
-            "histogram": class_histogram(train.labels, parts, train.num_classes).tolist(),
-            "indices": [p.tolist() for p in parts], "withdrawn_modules": withdrawn})
-        atomic_write_text(stage / "config.toml", to_toml(new_cfg))
-        timer.add("data", time.perf_counter() - t0)
+        if partition_doc.get("scheme") == "sites":
+            class_names, parts, train, test = tuple(partition_doc["class_names"]), None, None, None
+            after, registry = deployment_stage(new_cfg, partition_doc, source, removed, clients, run_dir, before,
+                                               stage, device, timer)
+            withdrawn = sorted(set(partition_doc.get("withdrawn_modules", [])) | set(removed))
+        else:
+            # Load the data and withdraw the removed modules' rows from the partition.
+            t0 = time.perf_counter()
+            train, test = load_data(new_cfg.data)
+            parts = client_parts(partition_doc, train, cfg.data.num_clients)
+            check_confusion(before, train.num_classes, run_dir)
+            check_registry_matches(source, class_histogram(train.labels, parts, train.num_classes),
+                                   cfg.generator.min_samples)
+            parts = withdraw_rows(parts, train.labels, [source[mid] for mid in removed], clients)
+            withdrawn = sorted(set(partition_doc.get("withdrawn_modules", [])) | set(removed))
+            atomic_write_json(stage / "partition.json", partition_doc | {
+                "histogram": class_histogram(train.labels, parts, train.num_classes).tolist(),
+                "indices": [p.tolist() for p in parts], "withdrawn_modules": withdrawn})
+            atomic_write_text(stage / "config.toml", to_toml(new_cfg))
+            timer.add("data", time.perf_counter() - t0)
 
-        # Copy the remaining modules; loading them again re-checks every hash.
-        for mid in remaining:
-            name = module_filename(mid)
-            atomic_write_bytes(stage / "modules" / name, (run_dir / "modules" / name).read_bytes())
-        registry = load_registry(stage / "modules")
+            # Copy the remaining modules; loading them again re-checks every hash.
+            for mid in remaining:
+                name = module_filename(mid)
+                atomic_write_bytes(stage / "modules" / name, (run_dir / "modules" / name).read_bytes())
+            registry = load_registry(stage / "modules")
 
-        # Re-synthesize, retrain and evaluate exactly as a run does.
-        after = factory_stage(new_cfg, registry, parts, train, test, stage, device, timer)
+            # Re-synthesize, retrain and evaluate exactly as a run does.
+            after = factory_stage(new_cfg, registry, parts, train, test, stage, device, timer)
+            class_names = train.class_names
         unlearn_seconds = round(time.perf_counter() - timer.start, 3)
         new_classifier = trained_record(stage, new_cfg.classifier.mode)
-
-        groups = class_groups(source, removed, train.num_classes)
+        groups = class_groups(source, removed, len(class_names))
         certificate = {
             "format_version": CERTIFICATE_VERSION,
             "source_run": str(run_dir),
@@ -388,7 +440,7 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
             "centralized_reference": ("disabled (reference.centralized=false): it pools the raw training data of "
                                       "every client, the removed ones included"),
             "class_groups": {"definitions": CLASS_GROUPS} | {
-                name: [train.class_names[c] for c in cs] for name, cs in groups.items()},
+                name: [class_names[c] for c in cs] for name, cs in groups.items()},
             "before": summarize(before, groups),
             "after": summarize(after, groups),
             "seconds": {"unlearn": unlearn_seconds, "verify": None},
@@ -397,7 +449,13 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
         }
         if new_cfg.classifier.mode == "local":
             certificate |= {"mode": "local", "participants": local_participants(before, parts, removed)}
-        if verify:
+        if verify and train is None:
+            reason = ("verification retrains the remaining modules from their real images, which stay at the sites "
+                      "of a deployment; run it where the data is (or rerun the federation without the site and "
+                      "compare the classifiers)")
+            log.info("verification skipped: %s", reason)
+            certificate["verification"] = {"skipped": reason}
+        elif verify:
             log.info("verifying: retraining %d modules from scratch without the removed ones", len(remaining))
             certificate["verification"] = verify_from_scratch(new_cfg, train, test, parts, {
                 m.manifest["module_id"]: m for m in registry}, after, stage, device)

@@ -20,26 +20,33 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from safetensors.torch import load
+from safetensors.torch import load, save
 
-from fedfactory.classifier import classifier_from_state, predict_proba
+from fedfactory.classifier import classifier_from_state, predict_log_proba, train_classifier
 from fedfactory.config import Config, ConfigError, class_list, config_hash
 from fedfactory.data.datasets import ImageDataset, load_data, read_class_folders
 from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import held_classes, train_client_modules
+from fedfactory.federation.factory import local_training_set, product_of_experts
 from fedfactory.flower.run_config import parse_run_config
 from fedfactory.flower.wire import (
+    CLASSIFIER,
+    MODULES,
     TASK,
     classifier_bytes,
     counts_content,
+    expert_reply_content,
+    module_bytes,
     reply_content,
     site_error_content,
     site_reply_content,
 )
-from fedfactory.generative.artifact import is_site_name, module_to_bytes
+from fedfactory.generative.artifact import ModuleError, is_site_name, module_from_bytes, module_to_bytes
 from fedfactory.metrics import score_counts
+from fedfactory.registry import Module, module_spec
+from fedfactory.seeding import derive_seed
 
 # Flower configures this logger in SuperNode and simulation processes, so these lines reach the node's console.
 log = logging.getLogger("flwr")
@@ -94,6 +101,25 @@ def train_modules(data: ImageDataset, client_id: int | str, cfg: Config, device:
             for m in train_client_modules(data, client_id, cfg, device, skip=skip.__contains__)}
 
 
+def train_expert(msg: Message, site: str, data: ImageDataset, cfg: Config, device: torch.device,
+                 t0: float) -> Message:
+    """Local mode: train this site's expert on its real images plus synthetic ones from the others' modules."""
+    modules = [Module(*module_from_bytes(module_bytes(array, f"module {mid[:40]!r} sent to site {site}"),
+                                         f"module {mid[:40]!r} sent to site {site}", expected=module_spec))
+               for mid, array in msg.content.array_records[MODULES].items()]
+    images, labels, plan = local_training_set(data, modules, cfg.synthesis.samples_per_class, cfg.run.seed, device,
+                                              cfg.synthesis.batch_size)
+    model = train_classifier(images, labels, data.num_classes, cfg.classifier,
+                             derive_seed(cfg.run.seed, "classifier", site), device, desc=f"expert {site}",
+                             progress=cfg.run.progress,
+                             input_blur=float(msg.content.config_records[TASK].get("input-blur", 0.0)))
+    weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    seconds = time.perf_counter() - t0
+    log.info("fedfactory site %s: expert trained on %d real + %d synthetic images from %d modules in %.1fs", site,
+             len(data), len(images) - len(data), len(modules), seconds)
+    return Message(expert_reply_content(site, config_hash(cfg), weights, seconds), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this node's modules and reply with their bytes."""
@@ -107,8 +133,10 @@ def train(msg: Message, context: Context) -> Message:
         try:
             data = site_train_data(cfg, root)
             counts = {data.class_names[c]: n for c, n in held_classes(data).items()}
+            if task.get("stage") == "expert":
+                return train_expert(msg, site, data, cfg, device, t0)
             modules = train_modules(data, site, cfg, device, skip)
-        except FedFactoryError as e:
+        except (FedFactoryError, ModuleError) as e:
             # The site's own data is at fault: say so under the site's name, so the server can name it.
             log.info("fedfactory site %s: %s", site, e)
             return Message(site_error_content(site, config_hash(cfg), str(e)), reply_to=msg)
@@ -139,9 +167,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = select_device(cfg.run.device, cfg.run.threads)
     if (root / "test").is_dir():
         test = read_class_folders(root / "test", classes, cfg.data.image_size)
-        model = classifier_from_state(load(classifier_bytes(msg.content)), test.images.shape[3], len(classes),
-                                      cfg.classifier, float(task.get("input-blur", 0.0))).to(device)
-        probs, labels = predict_proba(model, test.images, device), test.labels
+        blur = float(task.get("input-blur", 0.0))
+        # One classifier, or the experts of local mode, whose log-probabilities add (product of experts).
+        log_probs = [predict_log_proba(classifier_from_state(load(w), test.images.shape[3], len(classes),
+                                                             cfg.classifier, blur).to(device), test.images, device)
+                     for w in classifier_bytes(msg.content.array_records[CLASSIFIER]).values()]
+        probs = np.exp(log_probs[0]) if len(log_probs) == 1 else product_of_experts(log_probs)
+        labels = test.labels
     else:
         log.info("fedfactory site %s: no test folder in %s, nothing to score", site, root)
         probs, labels = np.zeros((0, len(classes))), np.zeros(0, dtype=np.int64)

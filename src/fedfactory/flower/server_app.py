@@ -3,6 +3,12 @@ registry validates files, then run the same server stage as `fedfactory run` int
 
 A client that raises, or whose node is gone, does not sink the run: the server finishes with the modules it has
 and names the clients and modules that are missing, in metrics.json and the log.
+
+Deployment (flower.deployment=true, `serve_sites`): the server holds no data. It learns from the replies which site
+holds which classes and how many images (validated), writes partition.json from those counts, and evaluates by
+sending the classifier to the sites, which return counts only (metrics.score_counts). In local mode a second
+round sends each site the other sites' modules; each returns its expert, and the sites score the product of the
+experts the same way.
 """
 
 import logging
@@ -12,32 +18,46 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
+from fedfactory.classifier import classifier_from_state
 from fedfactory.config import Config, ConfigError, class_list, config_hash
 from fedfactory.data.datasets import ImageDataset, read_class_folders
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.factory import trained_as_asked
-from fedfactory.federation.runner import Score, factory_stage, reusable_module, server_stage, start_run, test_set_score
+from fedfactory.federation.factory import bytes_per_client, trained_as_asked
+from fedfactory.federation.runner import (
+    Score,
+    factory_stage,
+    input_blur,
+    reusable_module,
+    server_stage,
+    start_run,
+    test_set_score,
+    write_metrics,
+)
 from fedfactory.flower.run_config import FlowerConfig, parse_run_config
 from fedfactory.flower.wire import (
+    CLASSIFIER,
     CLIENT,
     COUNTS,
     EVALUATE,
     MODULES,
     TRAIN,
+    classifier_bytes,
     classifier_content,
+    expert_task_content,
     module_bytes,
     task_content,
     wire_bytes,
 )
 from fedfactory.generative.artifact import ModuleError, is_site_name, module_filename, module_from_bytes, module_id
 from fedfactory.metrics import NUM_BINS, metrics_from_counts
-from fedfactory.registry import load_registry, module_spec
+from fedfactory.registry import Module, load_registry, module_spec
 from fedfactory.report import write_report
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging
 
@@ -284,40 +304,47 @@ def site_counts(reply: Message, site: str, num_classes: int) -> dict[str, np.nda
     return counts
 
 
+def evaluate_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, classes: tuple[str, ...],
+                      weights: dict[str, bytes], blur: float, report: dict) -> dict:
+    """Send the classifier (or local mode's experts, combined at the site as a product of experts) to every site
+    that trained, sum the counts they return and compute the metrics from the sums. Records per site what was
+    scored and the bytes in report["evaluation"]."""
+    sites = sorted(got.node_of)
+    messages = [Message(classifier_content(weights, config_hash(cfg), blur), dst_node_id=got.node_of[site],
+                        message_type=EVALUATE, ttl=fl.train_timeout) for site in sites]
+    down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
+    replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
+    site_of_node = {node: site for site, node in got.node_of.items()}
+    total = None
+    scored, failed, up = {}, {}, {}
+    for reply in replies:
+        site = site_of_node[node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)]
+        try:
+            counts = site_counts(reply, site, len(classes))
+        except ReplyError as e:
+            failed[site] = str(e)
+            log.info("site %s: evaluation failed: %s", site, e)
+            continue
+        up[site] = wire_bytes(reply)
+        scored[site] = int(counts["confusion"].sum())
+        total = counts if total is None else {k: total[k] + v for k, v in counts.items()}
+        log.info("site %s scored %d test images", site, scored[site])
+    for node in silent:
+        failed[site_of_node[node]] = f"no reply within flower.train_timeout={fl.train_timeout}s"
+    if total is None:
+        raise RuntimeError(f"no site returned evaluation counts; failures: {failed}")
+    report["evaluation"] = {"sites": dict(sorted(scored.items())), "failed_sites": dict(sorted(failed.items())),
+                            "bytes_down": down, "bytes_up": dict(sorted(up.items()))}
+    return metrics_from_counts(**total, class_names=classes)
+
+
 def score_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, classes: tuple[str, ...],
                    report: dict) -> Score:
-    """The server's Score in a deployment: send the classifier to every site that trained, sum the counts they
-    return, compute the metrics from the sums. Records per site what was scored and the bytes in `report`."""
+    """The server's Score in a deployment: the sites score the classifier on their test folders (counts only)."""
 
     def score(model: torch.nn.Module, blur: float) -> dict:
         weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-        sites = sorted(got.node_of)
-        messages = [Message(classifier_content(weights, config_hash(cfg), blur), dst_node_id=got.node_of[site],
-                            message_type=EVALUATE, ttl=fl.train_timeout) for site in sites]
-        down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
-        replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
-        site_of_node = {node: site for site, node in got.node_of.items()}
-        total = None
-        scored, failed, up = {}, {}, {}
-        for reply in replies:
-            site = site_of_node[node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)]
-            try:
-                counts = site_counts(reply, site, len(classes))
-            except ReplyError as e:
-                failed[site] = str(e)
-                log.info("site %s: evaluation failed: %s", site, e)
-                continue
-            up[site] = wire_bytes(reply)
-            scored[site] = int(counts["confusion"].sum())
-            total = counts if total is None else {k: total[k] + v for k, v in counts.items()}
-            log.info("site %s scored %d test images", site, scored[site])
-        for node in silent:
-            failed[site_of_node[node]] = f"no reply within flower.train_timeout={fl.train_timeout}s"
-        if total is None:
-            raise RuntimeError(f"no site returned evaluation counts; failures: {failed}")
-        report["evaluation"] = {"sites": dict(sorted(scored.items())), "failed_sites": dict(sorted(failed.items())),
-                                "bytes_down": down, "bytes_up": dict(sorted(up.items()))}
-        metrics = metrics_from_counts(**total, class_names=classes)
+        metrics = evaluate_at_sites(grid, cfg, fl, got, classes, {"classifier": weights}, blur, report)
         if cfg.data.test_root:
             # A public test set the server itself owns, scored here as well.
             public = read_class_folders(cfg.data.test_root, classes, cfg.data.image_size)
@@ -327,18 +354,87 @@ def score_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, cl
     return score
 
 
+def expert_round(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, modules: list[Module], blur: float,
+                 out: Path, report: dict) -> dict[str, bytes]:
+    """Local mode's second round: each site receives every other site's modules and returns its expert, which is
+    checked to load into the run's classifier and written to experts/<site>.safetensors. Returns site -> weights."""
+    sites = sorted(got.node_of)
+    files = {m["module_id"]: (out / "modules" / module_filename(m["module_id"])).read_bytes() for m, _ in modules}
+    messages = [Message(expert_task_content(config_hash(cfg), blur, {
+        m["module_id"]: files[m["module_id"]] for m, _ in modules if m["client_id"] != site}),
+        dst_node_id=got.node_of[site], message_type=TRAIN, ttl=fl.train_timeout) for site in sites]
+    down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
+    replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
+    site_of_node = {node: site for site, node in got.node_of.items()}
+    channels, experts, up, failed = modules[0].manifest["image_shape"][0], {}, {}, {}
+    (out / "experts").mkdir(exist_ok=True)
+    for reply in replies:
+        site = site_of_node[node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)]
+        try:
+            if reply.has_error():
+                raise ReplyError(reply.error.reason)
+            info = reply.content.config_records.get(CLIENT)
+            if info is None or info.get("site") != site or isinstance(info.get("error"), str):
+                raise ReplyError(str(info.get("error")) if info else f"reply is not from site {site}")
+            payload = classifier_bytes(reply.content.array_records.get(CLASSIFIER, ArrayRecord()))
+            if list(payload) != [site]:
+                raise ReplyError(f"expected one expert named {site}, got {sorted(payload)[:3]}")
+            # Loads without unpickling, and must fit the run's classifier exactly.
+            classifier_from_state(load(payload[site]), channels, len(class_list(cfg.data.classes)), cfg.classifier,
+                                  blur)
+        except (ReplyError, ValueError, SafetensorError, FedFactoryError) as e:
+            failed[site] = str(e)
+            log.info("site %s: expert refused: %s", site, e)
+            continue
+        atomic_write_bytes(out / "experts" / f"{site}.safetensors", payload[site])
+        experts[site], up[site] = payload[site], wire_bytes(reply)
+        log.info("site %s: expert received (%d bytes on the wire)", site, up[site])
+    for node in silent:
+        failed[site_of_node[node]] = f"no reply within flower.train_timeout={fl.train_timeout}s"
+    report["expert_round"] = {"sites": sorted(experts), "failed_sites": dict(sorted(failed.items())),
+                         "bytes_down": down, "bytes_up": dict(sorted(up.items()))}
+    if not experts:
+        raise RuntimeError(f"no site returned an expert; failures: {failed}")
+    return experts
+
+
+def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, modules: list[Module],
+                      classes: tuple[str, ...], out: Path, device: torch.device, timer: Timer, report: dict) -> dict:
+    """Local mode in a deployment: experts trained at the sites, combined at the sites as a product of experts."""
+    blur = input_blur(cfg, modules)
+    t0 = time.perf_counter()
+    experts = expert_round(grid, cfg, fl, got, modules, blur, out, report)
+    timer.add("experts_round_trip", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    metrics = evaluate_at_sites(grid, cfg, fl, got, classes, experts, blur, report)
+    timer.add("evaluation", time.perf_counter() - t0)
+    timer.add("end_to_end", time.perf_counter() - timer.start)
+    sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
+    present = {m["class_id"] for m, _ in modules}
+    metrics |= {
+        "mode": "local",
+        "timings": timer.timings,
+        "bytes": bytes_per_client([m for m, _ in modules], sizes, receivers=sorted(experts)),
+        "experts": sorted(experts),
+        "modules": sorted(sizes),
+        "missing_classes": [classes[c] for c in range(len(classes)) if c not in present],
+    }
+    table = write_metrics(cfg, metrics, [("factory-local", metrics)], out, device, blur)
+    log.info("results (the sites' test folders, %d test images, product of %d experts):\n%s", metrics["num_test"],
+             len(experts), table)
+    return metrics
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
 def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     """The server of a deployment: it holds no data; the sites send modules and their counts, then score the
-    classifier on their own test folders and send counts back."""
+    classifier (or, in local mode, the product of their experts) on their own test folders and send counts back."""
     if cfg.reference.centralized:
         raise ConfigError("reference.centralized=true pools the sites' real training data, which a deployment's "
                           "server never holds; set reference.centralized=false")
-    if cfg.classifier.mode != "server":
-        raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} is not implemented for a deployment; use server")
     classes = class_list(cfg.data.classes)
     check_run_dir(cfg)
     device, timer = select_device(cfg.run.device, cfg.run.threads), Timer()
@@ -394,8 +490,11 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     }
     for site, reason in report["failed_sites"].items():
         log.info("site %s delivered no modules: %s", site, reason)
-    score = score_at_sites(grid, cfg, fl, got, classes, report)
-    metrics = server_stage(cfg, modules, classes, score, out, device, timer, test_name="the sites' test folders")
+    if cfg.classifier.mode == "local":
+        metrics = local_sites_stage(grid, cfg, fl, got, modules, classes, out, device, timer, report)
+    else:
+        score = score_at_sites(grid, cfg, fl, got, classes, report)
+        metrics = server_stage(cfg, modules, classes, score, out, device, timer, test_name="the sites' test folders")
     metrics |= report
     atomic_write_json(out / "metrics.json", metrics)
     log.info("report: %s", write_report(out, device=device))

@@ -40,18 +40,36 @@ def module_bytes(array: object, source: str) -> bytes:
     return bytes(array.data)
 
 
-def classifier_content(weights: bytes, config_hash: str, input_blur: float) -> RecordDict:
-    """An evaluate message: the classifier's safetensors bytes and what a site needs to rebuild it."""
-    array = Array(dtype="uint8", shape=(len(weights),), stype=CLASSIFIER_STYPE, data=weights)
-    return RecordDict({CLASSIFIER: ArrayRecord({"weights": array}),
+def classifier_array(weights: bytes) -> Array:
+    return Array(dtype="uint8", shape=(len(weights),), stype=CLASSIFIER_STYPE, data=weights)
+
+
+def classifier_content(weights: dict[str, bytes], config_hash: str, input_blur: float) -> RecordDict:
+    """An evaluate message: classifiers as safetensors bytes (one, or the experts of a product of experts, by
+    name) and what a site needs to rebuild them."""
+    return RecordDict({CLASSIFIER: ArrayRecord({name: classifier_array(w) for name, w in weights.items()}),
                        TASK: ConfigRecord({"config-hash": config_hash, "input-blur": input_blur})})
 
 
-def classifier_bytes(content: RecordDict) -> bytes:
-    array = content.array_records[CLASSIFIER]["weights"]
-    if not isinstance(array, Array) or array.stype != CLASSIFIER_STYPE:
-        raise ValueError(f"the evaluate message carries no {CLASSIFIER_STYPE!r} payload")
-    return bytes(array.data)
+def classifier_bytes(record: ArrayRecord) -> dict[str, bytes]:
+    """Name -> safetensors bytes of every classifier in a record; refuses any other payload."""
+    out = {}
+    for name, array in record.items():
+        if not isinstance(array, Array) or array.stype != CLASSIFIER_STYPE:
+            raise ValueError(f"{name[:40]!r} is not a {CLASSIFIER_STYPE!r} payload")
+        out[name] = bytes(array.data)
+    return out
+
+
+def expert_task_content(config_hash: str, input_blur: float, modules: dict[str, bytes]) -> RecordDict:
+    """Local mode's second round: the other sites' modules; the site trains its expert on real + synthetic data."""
+    return RecordDict({TASK: ConfigRecord({"config-hash": config_hash, "stage": "expert", "input-blur": input_blur}),
+                       MODULES: ArrayRecord({mid: module_array(data) for mid, data in modules.items()})})
+
+
+def expert_reply_content(site: str, config_hash: str, weights: bytes, seconds: float) -> RecordDict:
+    return RecordDict({CLASSIFIER: ArrayRecord({site: classifier_array(weights)}),
+                       CLIENT: ConfigRecord({"site": site, "config-hash": config_hash, "train-seconds": seconds})})
 
 
 def site_reply_content(site: str, config_hash: str, counts: dict[str, int], modules: dict[str, bytes],
