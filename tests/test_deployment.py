@@ -30,11 +30,11 @@ from safetensors.torch import load_file  # noqa: E402
 from fedfactory.classifier import classifier_from_state, predict_log_proba, predict_proba  # noqa: E402
 from fedfactory.cli import main  # noqa: E402
 from fedfactory.config import ConfigError, class_list, config_hash, load_config, to_toml  # noqa: E402
-from fedfactory.data.datasets import load_data, read_class_folders, write_class_folders  # noqa: E402
+from fedfactory.data.datasets import DatasetError, load_data, read_class_folders, write_class_folders  # noqa: E402
 from fedfactory.federation.factory import product_of_experts  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
-from fedfactory.flower.client_app import node_site  # noqa: E402
+from fedfactory.flower.client_app import node_site, site_data  # noqa: E402
 from fedfactory.flower.run_config import parse_run_config  # noqa: E402
 from fedfactory.flower.server_app import collect_sites, serve_sites  # noqa: E402
 from fedfactory.flower.wire import CLIENT, MODULES, task_content  # noqa: E402
@@ -165,6 +165,15 @@ def test_a_site_is_told_how_to_fix_its_node_config(sites, tmp_path):
         node_site({"site": "Hospital A", "data-root": str(sites)})
     with pytest.raises(ConfigError, match="data-root=.*is not a folder"):
         node_site({"site": "hospital-a", "data-root": str(tmp_path / "absent")})
+    # A site may hold a dataset in another format; its classes are mapped onto the run's list by name.
+    cfg = load_config("tiny", ["data.dataset=imagefolder", "data.classes=9,8,7,6,5,4,3,2,1,0"])
+    site, root, dataset = node_site({"site": "hospital-a", "data-root": str(tmp_path), "dataset": "digits"})
+    train = site_data(cfg, root, dataset, "train")
+    reference, _ = load_data(load_config("tiny").data)
+    assert (train.labels == 9 - reference.labels).all() and train.class_names[0] == "9"
+    with pytest.raises(DatasetError, match=r"classes \['0', '1'.*not in data.classes"):
+        site_data(load_config("tiny", ["data.dataset=imagefolder", "data.classes=5,6,7,8,9"]), root, dataset, "test")
+    assert site_data(cfg, sites / "site-d", "imagefolder", "test") is None  # no test folder: nothing to score
     # A site whose own data is at fault answers under its name, so the server can say which site to fix.
     cfg = deployment_config(tmp_path / "out", 3)
     reply = client_app(train_message(cfg), site_context(sites, "site-d", flat(cfg))).content

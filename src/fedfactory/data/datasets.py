@@ -615,6 +615,17 @@ def write_class_folders(data: ImageDataset, folder: str | Path) -> None:
         Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(path, format="PNG")
 
 
+def relabel(data: ImageDataset, class_names: tuple[str, ...]) -> ImageDataset:
+    """The same images labelled by their class's position in `class_names` (a federation's global class list)."""
+    held = np.unique(data.labels)
+    unknown = [data.class_names[c] for c in held if data.class_names[c] not in class_names]
+    if unknown:
+        raise DatasetError(f"dataset {data.name!r}: classes {unknown[:5]} are not in data.classes="
+                           f"{','.join(class_names)!r}; add them to data.classes or remove their images")
+    index = np.array([class_names.index(n) if n in class_names else -1 for n in data.class_names], dtype=np.int64)
+    return ImageDataset(data.images, index[data.labels], class_names, data.name)
+
+
 def load_image_folder(root: str | Path, class_names: tuple[str, ...], image_size: int = 0,
                       test_root: str | Path | None = None) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) from `root/train/<class>/` and `root/test/<class>/` (or `test_root/<class>/`); no test

@@ -24,7 +24,7 @@ from safetensors.torch import load, save
 
 from fedfactory.classifier import classifier_from_state, predict_log_proba, train_classifier
 from fedfactory.config import Config, ConfigError, class_list, config_hash
-from fedfactory.data.datasets import ImageDataset, load_data, read_class_folders
+from fedfactory.data.datasets import ImageDataset, load_data, load_dataset, read_class_folders, relabel
 from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
@@ -68,9 +68,10 @@ def node_partition(node_config: dict, num_clients: int) -> int:
     return k
 
 
-def node_site(node_config: dict) -> tuple[str, Path]:
-    """This site's name and data folder, from the node config of a deployment."""
+def node_site(node_config: dict) -> tuple[str, Path, str]:
+    """This site's name, data folder and data format, from the node config of a deployment."""
     site, root = node_config.get("site"), node_config.get("data-root")
+    dataset = node_config.get("dataset", "imagefolder")
     fix = "start the SuperNode with --node-config \"site='hospital-a' data-root='/path/to/site/data'\""
     if "partition-id" in node_config and site is None:
         raise ConfigError(f"this run is a deployment (flower.deployment=true) but the node config gives a "
@@ -80,12 +81,23 @@ def node_site(node_config: dict) -> tuple[str, Path]:
                           f"starting with a letter, e.g. hospital-a; {fix}")
     if not isinstance(root, str) or not Path(root).expanduser().is_dir():
         raise ConfigError(f"site {site}: node config data-root={root!r} is not a folder; {fix}")
-    return site, Path(root).expanduser()
+    if not isinstance(dataset, str):
+        raise ConfigError(f"site {site}: node config dataset={dataset!r} must be a dataset name such as "
+                          "imagefolder (the default) or fashion-mnist")
+    return site, Path(root).expanduser(), dataset
 
 
-def site_train_data(cfg: Config, root: Path) -> ImageDataset:
-    """All of this site's training images: `root/train/<class>/`, classes indexed by data.classes."""
-    return read_class_folders(root / "train", class_list(cfg.data.classes), cfg.data.image_size)
+def site_data(cfg: Config, root: Path, dataset: str, split: str) -> ImageDataset | None:
+    """All of this site's `split` ("train" or "test") images, classes indexed by data.classes; None for a site
+    without a test set. An image folder by default; node config `dataset` names another format in data-root
+    (fashion-mnist, medmnist:<subset>, isic2019, ...), whose class names must be in data.classes."""
+    classes = class_list(cfg.data.classes)
+    if dataset == "imagefolder":
+        if split == "test" and not (root / "test").is_dir():
+            return None
+        return read_class_folders(root / split, classes, cfg.data.image_size)
+    train, test = load_dataset(dataset, str(root), cfg.data.image_size)
+    return relabel(train if split == "train" else test, classes)
 
 
 def local_data(cfg: Config, client_id: int) -> ImageDataset:
@@ -129,9 +141,9 @@ def train(msg: Message, context: Context) -> Message:
     skip = frozenset(task.get("skip", []))
     device = select_device(cfg.run.device, cfg.run.threads)
     if fl.deployment:
-        site, root = node_site(dict(context.node_config))
+        site, root, dataset = node_site(dict(context.node_config))
         try:
-            data = site_train_data(cfg, root)
+            data = site_data(cfg, root, dataset, "train")
             counts = {data.class_names[c]: n for c, n in held_classes(data).items()}
             if task.get("stage") == "expert":
                 return train_expert(msg, site, data, cfg, device, t0)
@@ -159,14 +171,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, fl = parse_run_config(context.run_config)
     if not fl.deployment:
         raise ConfigError("evaluate messages belong to a deployment (flower.deployment=true)")
-    site, root = node_site(dict(context.node_config))
+    site, root, dataset = node_site(dict(context.node_config))
     classes = class_list(cfg.data.classes)
     task = msg.content.config_records[TASK]
     if task.get("config-hash") != config_hash(cfg):
         raise ConfigError(f"site {site}: the classifier comes from a run with another config")
     device = select_device(cfg.run.device, cfg.run.threads)
-    if (root / "test").is_dir():
-        test = read_class_folders(root / "test", classes, cfg.data.image_size)
+    test = site_data(cfg, root, dataset, "test")
+    if test is not None and len(test):
         blur = float(task.get("input-blur", 0.0))
         # One classifier, or the experts of local mode, whose log-probabilities add (product of experts).
         log_probs = [predict_log_proba(classifier_from_state(load(w), test.images.shape[3], len(classes),
