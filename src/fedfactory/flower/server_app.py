@@ -217,6 +217,7 @@ def failure_report(got: Collected, expected: dict[int, list[str]], present: set[
         },
     }
 
+
 def _site_of(reply: Message, cfg: Config, classes: tuple[str, ...], got: Collected) -> tuple[str, dict[int, int]]:
     """The site a deployment reply answers for and its images per class id, after checking what it claims."""
     if not reply.has_content():
