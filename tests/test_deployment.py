@@ -263,20 +263,31 @@ class InProcessGrid:
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 
-def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch):
-    # Both rounds of local mode with the real ClientApp behind an in-process grid: each site gets the others'
-    # modules, trains its expert, and the product of experts is scored at the sites by counts.
-    out = tmp_path / "local"
+def serve_in_process(sites: Path, out: Path, monkeypatch, *overrides: str) -> dict:
+    """serve_sites over an InProcessGrid of the three healthy sites."""
     cfg = load_config("tiny", ["run.threads=1", "data.dataset=imagefolder", f"data.classes={CLASSES}",
-                               "data.num_clients=3", "reference.centralized=false", "classifier.mode=local",
-                               f"run.out={out}"])
+                               "data.num_clients=3", "reference.centralized=false", f"run.out={out}", *overrides])
     run_config = flat(cfg)
     _, fl = parse_run_config(run_config)
     # What a ServerApp process has set before `main` runs: Message() reads the run and node ids from here.
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    metrics = serve_sites(InProcessGrid(sites, list(SITES), run_config), cfg, fl)
+    return serve_sites(InProcessGrid(sites, list(SITES), run_config), cfg, fl)
+
+
+def test_a_server_that_owns_a_public_test_set_scores_it_too(sites, tmp_path, monkeypatch):
+    metrics = serve_in_process(sites, tmp_path / "public", monkeypatch, f"data.test_root={sites / 'site-a' / 'test'}")
+    assert metrics["num_test"] == 359 and metrics["public_test"]["num_test"] == 144
+    assert metrics["public_test"]["per_class_accuracy"]["9"] is None  # site-a's test folder holds classes 0-3
+
+
+def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch):
+    # Both rounds of local mode with the real ClientApp behind an in-process grid: each site gets the others'
+    # modules, trains its expert, and the product of experts is scored at the sites by counts.
+    out = tmp_path / "local"
+    metrics = serve_in_process(sites, out, monkeypatch, "classifier.mode=local")
+    cfg = load_config(str(out / "config.toml"))
     assert metrics["mode"] == "local" and metrics["experts"] == sorted(SITES)
     classes = class_list(CLASSES)
     tests = [read_class_folders(sites / s / "test", classes, cfg.data.image_size) for s in SITES]

@@ -37,6 +37,14 @@ def test_image_folder_labels_by_the_class_list_and_resizes(tmp_path):
     assert train.images.shape == (2, 8, 8, 3) and train.labels.tolist() == [1, 1]
     cfg = load_config("tiny", ["data.dataset=imagefolder", f"data.root={rgb}", "data.classes=benign,melanoma,nevus"])
     assert load_data(cfg.data)[0].images.shape == (2, 8, 8, 3)
+    # data.test_root: a test set in a folder of its own, for an image folder or any other dataset.
+    write_images(tmp_path / "public" / "nevus", mode="RGB", count=3)
+    cfg = load_config("tiny", ["data.dataset=imagefolder", f"data.root={rgb}", "data.classes=benign,melanoma,nevus",
+                               f"data.test_root={tmp_path / 'public'}"])
+    assert load_data(cfg.data)[1].labels.tolist() == [2, 2, 2]
+    write_images(tmp_path / "digits-test" / "7", count=2)
+    test = load_data(load_config("tiny", [f"data.test_root={tmp_path / 'digits-test'}"]).data)[1]
+    assert test.labels.tolist() == [7, 7] and test.images.shape == (2, 8, 8, 1)
 
 
 def test_image_folder_refusals_name_the_file_and_the_fix(tmp_path):
