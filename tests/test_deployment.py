@@ -7,6 +7,7 @@ started here is stopped with its descendants.
 import datetime
 import ipaddress
 import json
+import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -304,3 +305,25 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
         assert metrics["bytes"]["down_per_client"][s] == others
         assert metrics["experts"] and metrics["flower"]["bytes_on_wire"][s] > 0
     assert json.loads((out / "metrics.json").read_text())["experts"] == sorted(SITES)
+
+
+def test_a_rerun_reuses_modules_and_retrains_what_a_sites_data_no_longer_backs(sites, tmp_path, monkeypatch):
+    mine = tmp_path / "sites"
+    for s in SITES:
+        shutil.copytree(sites / s, mine / s)
+    out = tmp_path / "run"
+    first = serve_in_process(mine, out, monkeypatch)
+    classifier = (out / "classifier.safetensors").read_bytes()
+    # The same sites again: every module is reused (nothing travels), and the results are the same.
+    again = serve_in_process(mine, out, monkeypatch)
+    assert set(again["flower"]["module_bytes_received"].values()) == {0}
+    assert (out / "classifier.safetensors").read_bytes() == classifier and again["accuracy"] == first["accuracy"]
+    # site-b lost its class 6 and one image of class 5: that module is retrained, the class-6 one removed.
+    shutil.rmtree(mine / "site-b" / "train" / "6")
+    next((mine / "site-b" / "train" / "5").iterdir()).unlink()
+    changed = serve_in_process(mine, out, monkeypatch)
+    assert changed["flower"]["stale_modules_removed"] == ["site-b_class-006"]
+    received = changed["flower"]["module_bytes_received"]
+    assert received["site-a"] == received["site-c"] == 0 and received["site-b"] > 0
+    assert "site-b_class-006" not in changed["modules"] and changed["missing_classes"] == ["6"]
+    assert json.loads((out / "partition.json").read_text())["histogram"][1][4:7] == [145, 145, 0]

@@ -43,7 +43,7 @@ from fedfactory.flower.wire import (
     site_error_content,
     site_reply_content,
 )
-from fedfactory.generative.artifact import ModuleError, is_site_name, module_from_bytes, module_to_bytes
+from fedfactory.generative.artifact import ModuleError, is_site_name, module_from_bytes, module_id, module_to_bytes
 from fedfactory.metrics import score_counts
 from fedfactory.registry import Module, module_spec
 from fedfactory.seeding import derive_seed
@@ -144,9 +144,12 @@ def train(msg: Message, context: Context) -> Message:
         site, root, dataset = node_site(dict(context.node_config))
         try:
             data = site_data(cfg, root, dataset, "train")
-            counts = {data.class_names[c]: n for c, n in held_classes(data).items()}
+            held = held_classes(data)
+            counts = {data.class_names[c]: n for c, n in held.items()}
             if task.get("stage") == "expert":
                 return train_expert(msg, site, data, cfg, device, t0)
+            trained_on = dict(zip(task.get("skip", []), task.get("skip-counts", []), strict=False))
+            skip = frozenset(module_id(site, c) for c, n in held.items() if trained_on.get(module_id(site, c)) == n)
             modules = train_modules(data, site, cfg, device, skip)
         except (FedFactoryError, ModuleError) as e:
             # The site's own data is at fault: say so under the site's name, so the server can name it.

@@ -57,7 +57,7 @@ from fedfactory.flower.wire import (
 )
 from fedfactory.generative.artifact import ModuleError, is_site_name, module_filename, module_from_bytes, module_id
 from fedfactory.metrics import NUM_BINS, metrics_from_counts
-from fedfactory.registry import Module, load_registry, module_spec
+from fedfactory.registry import Module, load_registry, load_registry_file, module_spec
 from fedfactory.report import write_report
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging
 
@@ -426,6 +426,22 @@ def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected,
     return metrics
 
 
+def remove_stale_modules(modules_dir: Path, got: Collected) -> list[str]:
+    """Delete earlier attempts' modules that a site's reply no longer backs (the class is gone from its data, or it
+    holds a different number of images now): they would stand for data the site does not have."""
+    stale = []
+    for path in sorted(modules_dir.glob("*.safetensors")):
+        m = load_registry_file(path).manifest
+        site = m["client_id"]
+        if site in got.counts and (m["module_id"] not in got.expected[site]
+                                   or got.counts[site].get(m["class_name"]) != m["num_samples"]):
+            log.info("removing %s: site %s now reports %s images of class %s, the module was trained on %d",
+                     path.name, site, got.counts[site].get(m["class_name"], 0), m["class_name"], m["num_samples"])
+            path.unlink()
+            stale.append(m["module_id"])
+    return stale
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -443,9 +459,11 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     setup_logging(out)
     log.info("flower deployment %s on %s, config %s, classes %s", out, device, config_hash(cfg)[:12],
              ",".join(classes))
-    have = [p.stem for p in sorted((out / "modules").glob("*.safetensors")) if reusable_module(p, cfg)]
+    have = {p.stem: load_registry_file(p).manifest["num_samples"]
+            for p in sorted((out / "modules").glob("*.safetensors")) if reusable_module(p, cfg)}
     if have:
-        log.info("reusing %d modules from an earlier attempt (hash checked); sites skip them", len(have))
+        log.info("%d modules from an earlier attempt (hash checked); sites whose data is unchanged skip them",
+                 len(have))
 
     t0 = time.perf_counter()
     nodes = wait_for_nodes(grid, cfg.data.num_clients, fl.wait_nodes)
@@ -454,12 +472,13 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     if len(nodes) < cfg.data.num_clients:
         log.info("only %d of %d SuperNodes connected within %.0fs; going on without the others", len(nodes),
                  cfg.data.num_clients, fl.wait_nodes)
-    messages = [Message(task_content(config_hash(cfg), have), dst_node_id=n, message_type=TRAIN,
-                        ttl=fl.train_timeout) for n in nodes]
+    messages = [Message(task_content(config_hash(cfg), list(have), list(have.values())), dst_node_id=n,
+                        message_type=TRAIN, ttl=fl.train_timeout) for n in nodes]
     train_down = wire_bytes(messages[0])
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
     timer.add("clients_round_trip", time.perf_counter() - t0)
     got = collect_sites(replies, node_of, cfg, classes, out / "modules")
+    stale = remove_stale_modules(out / "modules", got)
     for node in silent:
         got.errors.append({"node_id": node, "reason": f"no reply within flower.train_timeout={fl.train_timeout}s"})
     if got.train_seconds:
@@ -487,6 +506,7 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
             "bytes_down_on_wire": {s: train_down for s in sites},
             "module_bytes_received": {s: got.module_bytes[s] for s in sites},
             "site_counts": {s: got.counts[s] for s in sites},
+            "stale_modules_removed": stale,
         },
     }
     for site, reason in report["failed_sites"].items():

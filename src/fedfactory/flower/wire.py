@@ -94,8 +94,11 @@ def counts_content(site: str, config_hash: str, counts: dict[str, np.ndarray], s
                        CLIENT: ConfigRecord({"site": site, "config-hash": config_hash, "seconds": seconds})})
 
 
-def task_content(config_hash: str, skip: list[str]) -> RecordDict:
-    return RecordDict({TASK: ConfigRecord({"config-hash": config_hash, "skip": list(skip)})})
+def task_content(config_hash: str, skip: list[str], skip_counts: list[int] | None = None) -> RecordDict:
+    """A train message: skip the modules the server holds; in a deployment, only those trained on as many images
+    as the site now holds (skip-counts), so a site whose data changed retrains them."""
+    task = {"config-hash": config_hash, "skip": list(skip)}
+    return RecordDict({TASK: ConfigRecord(task | ({} if skip_counts is None else {"skip-counts": list(skip_counts)}))})
 
 
 def reply_content(client_id: int, config_hash: str, modules: dict[str, bytes], train_seconds: float) -> RecordDict:
