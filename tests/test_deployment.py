@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[flower]'")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Metadata, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Metadata, RecordDict  # noqa: E402
 from flwr.app.message import make_message  # noqa: E402
 from flwr.common.config import flatten_dict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -256,7 +256,13 @@ class InProcessGrid:
                           dst_node_id=m.metadata.dst_node_id, reply_to_message_id="", group_id="",
                           created_at=time.time(), ttl=m.metadata.ttl, message_type=m.metadata.message_type)
             sent = make_message(metadata=md, content=m.content)
-            self.replies[md.message_id] = client_app(sent, self.contexts[md.dst_node_id])
+            try:
+                self.replies[md.message_id] = client_app(sent, self.contexts[md.dst_node_id])
+            except Exception as e:  # what a SuperNode does with a ClientApp that raises: an error reply
+                reply_md = Metadata(run_id=1, message_id=f"r{md.message_id}", src_node_id=md.dst_node_id,
+                                    dst_node_id=0, reply_to_message_id=md.message_id, group_id="",
+                                    created_at=time.time(), ttl=md.ttl, message_type=md.message_type)
+                self.replies[md.message_id] = make_message(metadata=reply_md, error=Error(code=0, reason=repr(e)))
             ids.append(md.message_id)
         return ids
 
@@ -327,3 +333,14 @@ def test_a_rerun_reuses_modules_and_retrains_what_a_sites_data_no_longer_backs(s
     assert received["site-a"] == received["site-c"] == 0 and received["site-b"] > 0
     assert "site-b_class-006" not in changed["modules"] and changed["missing_classes"] == ["6"]
     assert json.loads((out / "partition.json").read_text())["histogram"][1][4:7] == [145, 145, 0]
+
+
+def test_a_site_that_cannot_score_is_named_and_the_others_count(sites, tmp_path, monkeypatch):
+    mine = tmp_path / "sites"
+    for s in SITES:
+        shutil.copytree(sites / s, mine / s)
+    (mine / "site-c" / "test" / "8" / "000000.png").write_bytes(b"not an image")
+    metrics = serve_in_process(mine, tmp_path / "run", monkeypatch)
+    assert list(metrics["evaluation"]["failed_sites"]) == ["site-c"]
+    assert "000000.png: cannot decode image" in metrics["evaluation"]["failed_sites"]["site-c"]
+    assert metrics["evaluation"]["sites"] == {"site-a": 144, "site-b": 108} and metrics["num_test"] == 252
