@@ -270,17 +270,19 @@ class InProcessGrid:
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 
-def serve_in_process(sites: Path, out: Path, monkeypatch, *overrides: str) -> dict:
-    """serve_sites over an InProcessGrid of the three healthy sites."""
+def serve_in_process(sites: Path, out: Path, monkeypatch, *overrides: str,
+                     names: tuple[str, ...] = tuple(SITES)) -> dict:
+    """serve_sites over an InProcessGrid of the healthy sites (all three by default)."""
     cfg = load_config("tiny", ["run.threads=1", "data.dataset=imagefolder", f"data.classes={CLASSES}",
-                               "data.num_clients=3", "reference.centralized=false", f"run.out={out}", *overrides])
+                               f"data.num_clients={len(names)}", "reference.centralized=false", f"run.out={out}",
+                               *overrides])
     run_config = flat(cfg)
     _, fl = parse_run_config(run_config)
     # What a ServerApp process has set before `main` runs: Message() reads the run and node ids from here.
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    return serve_sites(InProcessGrid(sites, list(SITES), run_config), cfg, fl)
+    return serve_sites(InProcessGrid(sites, list(names), run_config), cfg, fl)
 
 
 def test_a_server_that_owns_a_public_test_set_scores_it_too(sites, tmp_path, monkeypatch):
@@ -344,3 +346,13 @@ def test_a_site_that_cannot_score_is_named_and_the_others_count(sites, tmp_path,
     assert list(metrics["evaluation"]["failed_sites"]) == ["site-c"]
     assert "000000.png: cannot decode image" in metrics["evaluation"]["failed_sites"]["site-c"]
     assert metrics["evaluation"]["sites"] == {"site-a": 144, "site-b": 108} and metrics["num_test"] == 252
+
+
+def test_unlearning_a_site_equals_a_federation_that_never_had_it(sites, tmp_path, monkeypatch):
+    # The deployment's stand-in for `unlearn --verify`, which needs the sites' data: a federation of the other two
+    # sites from the start trains the same classifier, bit for bit, as unlearning site-b from the three.
+    serve_in_process(sites, tmp_path / "three", monkeypatch)
+    assert main(["unlearn", str(tmp_path / "three"), "--client", "site-b", "--out", str(tmp_path / "unlearned")]) == 0
+    serve_in_process(sites, tmp_path / "two", monkeypatch, names=("site-a", "site-c"))
+    assert (tmp_path / "unlearned" / "classifier.safetensors").read_bytes() == \
+        (tmp_path / "two" / "classifier.safetensors").read_bytes()
