@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedfactory.classifier import predict_log_proba, predict_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
-from fedfactory.federation.factory import synthesize  # noqa: E402
+from fedfactory.federation.factory import local_training_set, product_of_experts, synthesize  # noqa: E402
 from fedfactory.generative.artifact import module_id, module_to_bytes  # noqa: E402
 from fedfactory.generative.train import train_module  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
+from fedfactory.registry import Module  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
 from fedfactory.seeding import derive_seed  # noqa: E402
 
@@ -64,7 +65,8 @@ def summary(results: Path) -> str:
     for line in results.read_text().splitlines():
         r = json.loads(line)
         show = lambda d: " ".join(f"{k}={v}" for k, v in d.items()) or "preset"  # noqa: E731
-        lines.append(f"| {r['variant']} | {r.get('mode', 'server')} | {show(r['generator'])} | "
+        mode = r.get("mode", "server") + (f" ({r['local_synthetic']} synthetic)" if r.get("local_synthetic") else "")
+        lines.append(f"| {r['variant']} | {mode} | {show(r['generator'])} | "
                      f"{show(r.get('classifier', {}))} | {r.get('residual_rank', 16)} | {r['blur']} | "
                      f"{r['samples_per_class']} | {r['epochs']} | {r['val_accuracy']:.4f} | {r['per_class'][6]:.3f} | "
                      f"{(r.get('git_commit') or 'before provenance')[:12]} |")
@@ -88,6 +90,7 @@ def main():
     p.add_argument("--residual-rank", type=int, default=-1,
                    help="keep only the first N residual directions (an exact SVD's truncation is the rank-N fit)")
     p.add_argument("--local", action="store_true", help="score local mode (product of experts) instead")
+    p.add_argument("--local-synthetic", default="missing", help="local mode's synthesis.local_synthetic")
     p.add_argument("--classes", default="", help="only these classes (module timing only)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
     p.add_argument("--out", default="benchmarks/runs/quality")
@@ -96,8 +99,8 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     # The package's own override parser: types are checked and an unknown key is refused with the valid ones.
-    cfg = load_config(args.config, [f"generator.{s}" for s in args.set]
-                      + [f"classifier.{s}" for s in args.cls] + [f"classifier.epochs={args.epochs}"])
+    cfg = load_config(args.config, [f"generator.{s}" for s in args.set] + [f"classifier.{s}" for s in args.cls]
+                      + [f"classifier.epochs={args.epochs}", f"synthesis.local_synthetic={args.local_synthetic}"])
     gcfg, ccfg = cfg.generator, cfg.classifier
     overrides = {k: getattr(gcfg, k) for k, _ in (s.split("=", 1) for s in args.set)}
     train, _ = load_dataset("fashion-mnist", None, 0)
@@ -124,14 +127,14 @@ def main():
             torch.save(saved, path)
             print(f"class {c}: {seconds:.1f}s {len(payload)} bytes blur {fields['training'].get('blur_sigma')}",
                   flush=True)
-        modules.append((saved["manifest"], saved["tensors"]))
+        modules.append(Module(saved["manifest"], saved["tensors"]))
         train_s.append(saved["seconds"])
         sizes.append(saved["bytes"])
         blurs.append(saved["manifest"]["training"].get("blur_sigma", 0.0))
     if args.classes:
         return
     if args.residual_rank >= 0:
-        modules = [truncate_residual(m, t, args.residual_rank) for m, t in modules]
+        modules = [Module(*truncate_residual(m, t, args.residual_rank)) for m, t in modules]
     t0 = time.perf_counter()
     images, labels, _ = synthesize(modules, train.num_classes, args.samples, 0, device, progress=False)
     sample_s = time.perf_counter() - t0
@@ -140,18 +143,16 @@ def main():
     for sigma in sigmas:
         t0 = time.perf_counter()
         if args.local:
-            # Silos in local mode: client c trains an expert on its real images of c plus the synthetic images
-            # of every other class; the experts' log-probabilities add up (product of experts).
-            total = 0
+            # Silos in local mode: client c trains an expert on its real images of c plus the synthetic set the
+            # package's local mode gives it (synthesis.local_synthetic); the experts combine as a product of experts.
+            log_probs = []
             for c in range(train.num_classes):
-                mine = fit.labels == c
-                x = np.concatenate([fit.images[mine], images[labels != c]])
-                y = np.concatenate([fit.labels[mine], labels[labels != c]])
+                x, y, _ = local_training_set(fit.subset(np.flatnonzero(fit.labels == c)), modules, args.samples, 0,
+                                             device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
                 expert = train_classifier(x, y, train.num_classes, ccfg, derive_seed(1, "expert", c), device,
                                           progress=False, input_blur=sigma)
-                total = total + predict_log_proba(expert, val.images, device)
-            proba = np.exp(total - total.max(1, keepdims=True))
-            proba /= proba.sum(1, keepdims=True)
+                log_probs.append(predict_log_proba(expert, val.images, device))
+            proba = product_of_experts(log_probs)
         else:
             model = train_classifier(images, labels, train.num_classes, ccfg, 1, device,
                                      progress=False, input_blur=sigma)
@@ -159,6 +160,7 @@ def main():
         m = evaluate(proba, val.labels, val.class_names)
         row = {"variant": args.variant, "generator": overrides, "classifier": cls,
                "mode": "local" if args.local else "server", "tag": args.tag,
+               "local_synthetic": args.local_synthetic if args.local else None,
                "residual_rank": modules[0][0]["network"].get("residual_rank", 0),
                "blur": sigma, "clients_blur": blurs, "samples_per_class": args.samples, "epochs": args.epochs,
                "val_accuracy": round(m["accuracy"], 4),

@@ -135,6 +135,11 @@ def test_local_training_set_fills_every_class_up_to_samples_per_class(compared):
     assert counts[2] == 40 and counts[5] == 50 and all(counts[c] == 40 for c in range(10) if c not in (2, 5))
     assert (x[:80] == images).all() and (y[:80] == labels).all()  # the real images come first, unchanged
     assert plan["client-002_class-002"] == 10 and "client-005_class-005" not in plan
+    # synthesis.local_synthetic="all": every class gets 40 synthetic images on top of the real ones, its own too.
+    x, y, plan = local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100, fill="all")
+    counts = np.bincount(y, minlength=10)
+    assert counts[2] == 70 and counts[5] == 90 and all(counts[c] == 40 for c in range(10) if c not in (2, 5))
+    assert plan["client-005_class-005"] == 40 and (x[:80] == images).all()
 
 
 def test_parse_methods_accepts_known_names_only():

@@ -63,6 +63,10 @@ class GeneratorConfig:
 class SynthesisConfig:
     samples_per_class: int = 3000
     batch_size: int = 500
+    # Local mode: which classes a client's synthetic images cover. "missing": only the classes it holds fewer than
+    # samples_per_class real images of (topped up to samples_per_class); "all": every class gets samples_per_class
+    # synthetic images, its own included, so an expert cannot learn "decoded texture means another client's class".
+    local_synthetic: str = "missing"
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ CHOICES = {
     ("data", "partition"): ("iid", "pathological", "dirichlet", "natural"),
     ("generator", "family"): ("aegmm", "edm"),
     ("classifier", "mode"): ("server", "local"),
+    ("synthesis", "local_synthetic"): ("missing", "all"),
     ("classifier", "norm"): ("batch", "group"),
     ("baselines", "weighting"): ("samples", "uniform"),
 }

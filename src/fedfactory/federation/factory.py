@@ -85,20 +85,24 @@ def synthesize(modules: list[Module], num_classes: int, samples_per_class: int,
 
 
 def local_training_set(client: ImageDataset, modules: list[Module], samples_per_class: int, root_seed: int,
-                       device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """A client's training set in local mode: all its real images, plus, for every class it holds fewer than
-    samples_per_class real images of, synthetic images up to samples_per_class.
+                       device: torch.device, batch_size: int,
+                       fill: str = "missing") -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """A client's training set in local mode: all its real images, plus synthetic images per class.
 
-    A class it lacks is synthesized from the other clients' modules of that class; a class it holds partially is
-    topped up from every module of that class it has (the others' and its own), in both cases by `synthesize`,
-    mixed in proportion to the modules' real counts n_{k,c}. A class it holds at least samples_per_class real
-    images of gets no synthetic images.
+    fill="missing": every class it holds fewer than samples_per_class real images of is topped up to
+    samples_per_class; a class it holds at least that many real images of gets none. fill="all": every class gets
+    samples_per_class synthetic images on top of the real ones (synthesis.local_synthetic).
+    A class it lacks is synthesized from the other clients' modules of that class; a class it holds is synthesized
+    from every module of that class it has (the others' and its own), in both cases by `synthesize`, mixed in
+    proportion to the modules' real counts n_{k,c}.
     """
+    if fill not in ("missing", "all"):
+        raise ValueError(f"fill={fill!r}: valid values are missing, all")
     counts = np.bincount(client.labels, minlength=client.num_classes)
     images, labels, plan = [client.images], [client.labels], {}
     for c in range(client.num_classes):
         donors = [m for m in modules if m.manifest["class_id"] == c]
-        need = samples_per_class - int(counts[c])
+        need = samples_per_class - (int(counts[c]) if fill == "missing" else 0)
         if need <= 0 or not donors:
             continue
         imgs, labs, part = synthesize(donors, client.num_classes, need, root_seed, device, batch_size, progress=False)

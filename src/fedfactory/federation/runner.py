@@ -217,7 +217,8 @@ def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], tra
 
         t0 = time.perf_counter()
         images, labels, plans[str(k)] = local_training_set(client, modules, cfg.synthesis.samples_per_class,
-                                                           cfg.run.seed, device, cfg.synthesis.batch_size)
+                                                           cfg.run.seed, device, cfg.synthesis.batch_size,
+                                                           cfg.synthesis.local_synthetic)
         timer.add("synthesis", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
