@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[flower]'")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Metadata, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Metadata, RecordDict  # noqa: E402
 from flwr.app.message import make_message  # noqa: E402
 from flwr.common.config import flatten_dict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -37,9 +37,9 @@ from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_site, site_data  # noqa: E402
 from fedfactory.flower.run_config import parse_run_config  # noqa: E402
-from fedfactory.flower.server_app import collect_sites, serve_sites  # noqa: E402
-from fedfactory.flower.wire import CLIENT, MODULES, task_content  # noqa: E402
-from fedfactory.metrics import evaluate  # noqa: E402
+from fedfactory.flower.server_app import ReplyError, collect_sites, serve_sites, site_counts  # noqa: E402
+from fedfactory.flower.wire import CLIENT, COUNTS, MODULES, counts_content, task_content  # noqa: E402
+from fedfactory.metrics import MAX_TEST_IMAGES, evaluate, score_counts  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
@@ -157,6 +157,34 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"site-b_class-00{c}.safetensors"
                                                                       for c in (4, 5, 6)]
     assert got.counts == {"site-b": {"4": 145, "5": 146, "6": 145}}
+
+
+def test_the_server_checks_the_counts_a_site_scores(tmp_path):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), 50)
+    honest = score_counts(probs, rng.integers(0, 10, 50), 10)
+    reply = as_reply(counts_content("site-a", "h", honest, 1.0), 1)
+    assert {k: v.tolist() for k, v in site_counts(reply, "site-a", 10).items()} == \
+        {k: v.tolist() for k, v in honest.items()}
+
+    def refused(counts: dict, match: str, site: str = "site-a", **arrays):
+        content = counts_content(site, "h", counts, 1.0)
+        content.array_records[COUNTS].update(arrays)
+        with pytest.raises(ReplyError, match=match):
+            site_counts(as_reply(content, 1), "site-a", 10)
+
+    huge = honest | {"confusion": honest["confusion"] + MAX_TEST_IMAGES}
+    refused(huge, r"site site-a: counts 'confusion' must lie in \[0, ")
+    refused(honest | {"negative": -honest["negative"]}, "must lie in")
+    shifted = honest | {"positive": np.roll(honest["positive"], 1, axis=0)}
+    refused(shifted, "histograms do not add up to the confusion matrix")
+    refused(honest | {"confusion": honest["confusion"][:9]}, r"shape \(10, 10\)")
+    refused(honest | {"confusion": honest["confusion"].astype(np.float64)}, "int64")
+    refused(honest, "not from site site-a", site="site-b")
+    # A payload whose declared shape lies, or that is not an .npy at all, is refused, not decoded blindly.
+    refused(honest, "do not decode",
+            confusion=Array(dtype="int64", shape=(10, 10), stype="numpy.ndarray", data=b"not npy"))
+    refused({k: v for k, v in honest.items() if k != "negative"}, "counts must be exactly")
 
 
 def test_a_site_is_told_how_to_fix_its_node_config(sites, tmp_path):
