@@ -7,6 +7,8 @@ started here is stopped with its descendants.
 import datetime
 import ipaddress
 import json
+import logging
+import re
 import shutil
 import time
 import tomllib
@@ -37,9 +39,16 @@ from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_site, site_data  # noqa: E402
 from fedfactory.flower.run_config import parse_run_config  # noqa: E402
-from fedfactory.flower.server_app import ReplyError, collect_sites, serve_sites, site_counts  # noqa: E402
+from fedfactory.flower.server_app import (  # noqa: E402
+    ReplyError,
+    collect_sites,
+    expert_modules,
+    serve_sites,
+    site_counts,
+)
 from fedfactory.flower.wire import CLIENT, COUNTS, MODULES, counts_content, task_content  # noqa: E402
 from fedfactory.metrics import MAX_TEST_IMAGES, evaluate, score_counts  # noqa: E402
+from fedfactory.registry import Module  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
@@ -187,6 +196,20 @@ def test_the_server_checks_the_counts_a_site_scores(tmp_path):
     refused({k: v for k, v in honest.items() if k != "negative"}, "counts must be exactly")
 
 
+def test_local_mode_sends_a_site_its_own_modules_only_where_it_uses_them(tmp_path):
+    def module(site, c, n):
+        return Module({"module_id": f"{site}_class-{c:03d}", "client_id": site, "class_id": c, "num_samples": n}, {})
+
+    modules = [module("site-a", 0, 30), module("site-a", 1, 50), module("site-b", 1, 10), module("site-b", 2, 90)]
+    cfg = load_config("tiny", ["synthesis.samples_per_class=40"])
+    # "missing": the others' modules, and its own of a class it holds fewer than samples_per_class images of.
+    assert expert_modules("site-a", modules, cfg) == ["site-a_class-000", "site-b_class-001", "site-b_class-002"]
+    assert expert_modules("site-b", modules, cfg) == ["site-a_class-000", "site-a_class-001", "site-b_class-001"]
+    # "all": every module, its own included.
+    cfg = load_config("tiny", ["synthesis.samples_per_class=40", "synthesis.local_synthetic=all"])
+    assert expert_modules("site-a", modules, cfg) == [m.manifest["module_id"] for m in modules]
+
+
 def test_a_site_is_told_how_to_fix_its_node_config(sites, tmp_path):
     with pytest.raises(ConfigError, match="partition-id, not a site"):
         node_site({"partition-id": 0, "num-partitions": 3})
@@ -319,11 +342,16 @@ def test_a_server_that_owns_a_public_test_set_scores_it_too(sites, tmp_path, mon
     assert metrics["public_test"]["per_class_accuracy"]["9"] is None  # site-a's test folder holds classes 0-3
 
 
-def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch):
+def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch, caplog):
     # Both rounds of local mode with the real ClientApp behind an in-process grid: each site gets the others'
-    # modules, trains its expert, and the product of experts is scored at the sites by counts.
+    # modules and, with synthesis.local_synthetic=all, its own back (a ClientApp keeps none), trains its expert on
+    # 40 synthetic images of every class, and the product of experts is scored at the sites by counts.
     out = tmp_path / "local"
-    metrics = serve_in_process(sites, out, monkeypatch, "classifier.mode=local")
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        metrics = serve_in_process(sites, out, monkeypatch, "classifier.mode=local", "synthesis.local_synthetic=all")
+    for s in SITES:
+        assert re.search(rf"site {s}: expert trained on \d+ real \+ 400 synthetic images from 10 modules",
+                         caplog.text), caplog.text
     cfg = load_config(str(out / "config.toml"))
     assert metrics["mode"] == "local" and metrics["experts"] == sorted(SITES)
     classes = class_list(CLASSES)
@@ -334,11 +362,11 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
                                    images, torch.device("cpu")) for s in SITES]
     pooled = evaluate(product_of_experts(log_probs), labels, classes)
     assert {k: metrics[k] for k in pooled} == pooled
-    # Each site downloads every other site's modules and uploads one expert; the bytes are counted.
+    # Each site downloads every module (the others' and, for "all", its own) and uploads one expert; all counted.
     sizes = metrics["bytes"]["per_module"]
     for s in SITES:
-        others = sum(n for mid, n in sizes.items() if not mid.startswith(s + "_"))
-        assert metrics["bytes"]["down_per_client"][s] == others
+        assert metrics["bytes"]["down_per_client"][s] == sum(sizes.values())
+        assert metrics["expert_round"]["bytes_down"][s] > sum(sizes.values())
         assert metrics["experts"] and metrics["flower"]["bytes_on_wire"][s] > 0
     assert json.loads((out / "metrics.json").read_text())["experts"] == sorted(SITES)
 

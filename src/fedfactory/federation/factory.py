@@ -84,6 +84,14 @@ def synthesize(modules: list[Module], num_classes: int, samples_per_class: int,
     return images, labels, plan
 
 
+def local_synthetic_count(real: int, samples_per_class: int, fill: str) -> int:
+    """How many synthetic images of a class a client holding `real` images of it gets in local mode (see
+    local_training_set)."""
+    if fill not in ("missing", "all"):
+        raise ValueError(f"fill={fill!r}: valid values are missing, all")
+    return max(samples_per_class - (real if fill == "missing" else 0), 0)
+
+
 def local_training_set(client: ImageDataset, modules: list[Module], samples_per_class: int, root_seed: int,
                        device: torch.device, batch_size: int,
                        fill: str = "missing") -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -96,13 +104,11 @@ def local_training_set(client: ImageDataset, modules: list[Module], samples_per_
     from every module of that class it has (the others' and its own), in both cases by `synthesize`, mixed in
     proportion to the modules' real counts n_{k,c}.
     """
-    if fill not in ("missing", "all"):
-        raise ValueError(f"fill={fill!r}: valid values are missing, all")
     counts = np.bincount(client.labels, minlength=client.num_classes)
     images, labels, plan = [client.images], [client.labels], {}
     for c in range(client.num_classes):
         donors = [m for m in modules if m.manifest["class_id"] == c]
-        need = samples_per_class - (int(counts[c]) if fill == "missing" else 0)
+        need = local_synthetic_count(int(counts[c]), samples_per_class, fill)
         if need <= 0 or not donors:
             continue
         imgs, labs, part = synthesize(donors, client.num_classes, need, root_seed, device, batch_size, progress=False)

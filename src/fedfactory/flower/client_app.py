@@ -115,12 +115,13 @@ def train_modules(data: ImageDataset, client_id: int | str, cfg: Config, device:
 
 def train_expert(msg: Message, site: str, data: ImageDataset, cfg: Config, device: torch.device,
                  t0: float) -> Message:
-    """Local mode: train this site's expert on its real images plus synthetic ones from the others' modules."""
+    """Local mode: train this site's expert on its real images plus synthetic ones from the modules the server sent
+    (the others', and its own where synthesis.local_synthetic tops up or fills a class it holds)."""
     modules = [Module(*module_from_bytes(module_bytes(array, f"module {mid[:40]!r} sent to site {site}"),
                                          f"module {mid[:40]!r} sent to site {site}", expected=module_spec))
                for mid, array in msg.content.array_records[MODULES].items()]
     images, labels, plan = local_training_set(data, modules, cfg.synthesis.samples_per_class, cfg.run.seed, device,
-                                              cfg.synthesis.batch_size)
+                                              cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
     model = train_classifier(images, labels, data.num_classes, cfg.classifier,
                              derive_seed(cfg.run.seed, "classifier", site), device, desc=f"expert {site}",
                              progress=cfg.run.progress,

@@ -29,7 +29,7 @@ from fedfactory.data.datasets import ImageDataset, read_class_folders
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.factory import bytes_per_client, trained_as_asked
+from fedfactory.federation.factory import bytes_per_client, local_synthetic_count, trained_as_asked
 from fedfactory.federation.runner import (
     Score,
     factory_stage,
@@ -352,14 +352,23 @@ def score_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, cl
     return score
 
 
+def expert_modules(site: str, modules: list[Module], cfg: Config) -> list[str]:
+    """The module ids local mode's second round sends a site: every other site's, and its own of the classes it
+    gets synthetic images of (synthesis.local_synthetic). A ClientApp keeps nothing between messages (a SuperNode
+    may run each in a fresh process), so a site's own modules come back from the server, and count as bytes down."""
+    spc, fill = cfg.synthesis.samples_per_class, cfg.synthesis.local_synthetic
+    return [m["module_id"] for m, _ in modules
+            if m["client_id"] != site or local_synthetic_count(m["num_samples"], spc, fill) > 0]
+
+
 def expert_round(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, modules: list[Module], blur: float,
                  out: Path, report: dict) -> dict[str, bytes]:
-    """Local mode's second round: each site receives every other site's modules and returns its expert, which is
-    checked to load into the run's classifier and written to experts/<site>.safetensors. Returns site -> weights."""
+    """Local mode's second round: each site receives the modules expert_modules names and returns its expert, which
+    is checked to load into the run's classifier and written to experts/<site>.safetensors. Returns site -> weights."""
     sites = sorted(got.node_of)
     files = {m["module_id"]: (out / "modules" / module_filename(m["module_id"])).read_bytes() for m, _ in modules}
     messages = [Message(expert_task_content(config_hash(cfg), blur, {
-        m["module_id"]: files[m["module_id"]] for m, _ in modules if m["client_id"] != site}),
+        mid: files[mid] for mid in expert_modules(site, modules, cfg)}),
         dst_node_id=got.node_of[site], message_type=TRAIN, ttl=fl.train_timeout) for site in sites]
     down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
@@ -409,10 +418,12 @@ def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected,
     timer.add("end_to_end", time.perf_counter() - timer.start)
     sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
     present = {m["class_id"] for m, _ in modules}
+    down = {site: sum(sizes[mid] for mid in expert_modules(site, modules, cfg)) for site in sorted(experts)}
     metrics |= {
         "mode": "local",
         "timings": timer.timings,
-        "bytes": bytes_per_client([m for m, _ in modules], sizes, receivers=sorted(experts)),
+        "bytes": bytes_per_client([m for m, _ in modules], sizes) | {"down_per_client": down,
+                                                                      "total_down": sum(down.values())},
         "experts": sorted(experts),
         "modules": sorted(sizes),
         "missing_classes": [classes[c] for c in range(len(classes)) if c not in present],
