@@ -7,8 +7,8 @@ and names the clients and modules that are missing, in metrics.json and the log.
 Deployment (flower.deployment=true, `serve_sites`): the server holds no data. It learns from the replies which site
 holds which classes and how many images (validated), writes partition.json from those counts, and evaluates by
 sending the classifier to the sites, which return counts only (metrics.score_counts). In local mode a second
-round sends each site the other sites' modules; each returns its expert, and the sites score the product of the
-experts the same way.
+round sends each site the other sites' modules (and its own where it uses them, see expert_modules); each returns
+its expert, and the sites score the product of the experts the same way.
 """
 
 import logging

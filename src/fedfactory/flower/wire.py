@@ -62,7 +62,8 @@ def classifier_bytes(record: ArrayRecord) -> dict[str, bytes]:
 
 
 def expert_task_content(config_hash: str, input_blur: float, modules: dict[str, bytes]) -> RecordDict:
-    """Local mode's second round: the other sites' modules; the site trains its expert on real + synthetic data."""
+    """Local mode's second round: the modules a site synthesizes from (server_app.expert_modules); the site trains
+    its expert on real + synthetic data."""
     return RecordDict({TASK: ConfigRecord({"config-hash": config_hash, "stage": "expert", "input-blur": input_blur}),
                        MODULES: ArrayRecord({mid: module_array(data) for mid, data in modules.items()})})
 
