@@ -19,6 +19,7 @@ from fedfactory.generative.artifact import (
     MANIFEST_KEY,
     MAX_HEADER_BYTES,
     ModuleError,
+    is_site_name,
     load_module,
     manifest_sha256,
     module_filename,
@@ -145,6 +146,22 @@ def test_module_id_and_filename():
         "client-003_class-007\n",
         "client-٠٠٣_class-007",
     ]:
+        with pytest.raises(ValueError, match="module id"):
+            module_filename(bad)
+
+
+def test_site_names_are_one_safe_path_component():
+    # A deployment's module ids carry the site name, which ends up in a file name: only [a-z][a-z0-9-]{0,39}.
+    assert module_id("hospital-a", 2) == "hospital-a_class-002" and is_site_name("site-0")
+    assert module_filename("hospital-a_class-002") == "hospital-a_class-002.safetensors"
+    for bad in ["hospital/a", "..", "../x", "hospital a", "h\u00f4pital", "Hospital-A", "-a", "", "a" * 41,
+                "hospital-a\n", "client-3", "client-003", 3.0, None]:
+        assert not is_site_name(bad)
+        if isinstance(bad, str):
+            with pytest.raises(ValueError, match="site name"):
+                module_id(bad, 2)
+    for bad in ["../hospital-a_class-002", "hospital a_class-002", "h\u00f4pital_class-002", "a/b_class-002",
+                "client-3_class-002", "hospital-a_class-2"]:
         with pytest.raises(ValueError, match="module id"):
             module_filename(bad)
 
