@@ -66,6 +66,11 @@ log = logging.getLogger("fedfactory")
 app = ServerApp()
 
 
+# A site's images per class, as it reports them: far beyond any real site, and small enough that the sums of counts
+# (class histograms, mixture weights) stay exact in int64.
+MAX_CLASS_IMAGES = 1 << 31
+
+
 class ReplyError(FedFactoryError, ValueError):
     """A reply that cannot be attributed to a client of this run; none of its modules is used."""
 
@@ -246,6 +251,9 @@ def _site_of(reply: Message, cfg: Config, classes: tuple[str, ...], got: Collect
         raise ReplyError(f"site {site} reports a class twice: {names}")
     if any(type(n) is not int or n <= 0 for n in counts):
         raise ReplyError(f"site {site} reports counts {counts[:10]}: each must be a positive integer")
+    if max(counts) > MAX_CLASS_IMAGES:
+        raise ReplyError(f"site {site} reports {max(counts)} images of one class, more than {MAX_CLASS_IMAGES}; "
+                         "its counts weight the synthesis mixture, so they are bounded")
     return site, {classes.index(name): n for name, n in zip(names, counts, strict=True)}
 
 
