@@ -338,12 +338,6 @@ def serve_in_process(sites: Path, out: Path, monkeypatch, *overrides: str,
     return serve_sites(InProcessGrid(sites, list(names), run_config), cfg, fl)
 
 
-def test_a_server_that_owns_a_public_test_set_scores_it_too(sites, tmp_path, monkeypatch):
-    metrics = serve_in_process(sites, tmp_path / "public", monkeypatch, f"data.test_root={sites / 'site-a' / 'test'}")
-    assert metrics["num_test"] == 359 and metrics["public_test"]["num_test"] == 144
-    assert metrics["public_test"]["per_class_accuracy"]["9"] is None  # site-a's test folder holds classes 0-3
-
-
 def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch, caplog):
     # Both rounds of local mode with the real ClientApp behind an in-process grid: each site gets the others'
     # modules and, with synthesis.local_synthetic=all, its own back (a ClientApp keeps none), trains its expert on
@@ -400,10 +394,13 @@ def test_a_site_that_cannot_score_is_named_and_the_others_count(sites, tmp_path,
     for s in SITES:
         shutil.copytree(sites / s, mine / s)
     (mine / "site-c" / "test" / "8" / "000000.png").write_bytes(b"not an image")
-    metrics = serve_in_process(mine, tmp_path / "run", monkeypatch)
+    # The server also owns a public test set (a copy of site-a's test folder), which it scores itself.
+    metrics = serve_in_process(mine, tmp_path / "run", monkeypatch, f"data.test_root={sites / 'site-a' / 'test'}")
     assert list(metrics["evaluation"]["failed_sites"]) == ["site-c"]
     assert "000000.png: cannot decode image" in metrics["evaluation"]["failed_sites"]["site-c"]
     assert metrics["evaluation"]["sites"] == {"site-a": 144, "site-b": 108} and metrics["num_test"] == 252
+    assert metrics["public_test"]["num_test"] == 144
+    assert metrics["public_test"]["per_class_accuracy"]["9"] is None  # site-a's test folder holds classes 0-3
 
 
 def test_unlearning_a_site_equals_a_federation_that_never_had_it(sites, tmp_path, monkeypatch):
