@@ -81,7 +81,9 @@ def metrics_from_counts(confusion: np.ndarray, positive: np.ndarray, negative: n
     precision = np.array([tp[c] / predicted[c] if predicted[c] else 0.0 for c in present])
     recall = tp[present] / support[present]
     f1 = np.array([2 * tp[c] / (support[c] + predicted[c]) for c in present])
-    # One-vs-rest AUROC is defined for a class present among the labels with some other class present too.
+    # One-vs-rest AUROC is defined for a class present among the labels with some other class present too. The score
+    # is the raw p_c, not p_c renormalised over the present classes (what scikit-learn's multi-class AUROC needs):
+    # a site cannot know which classes the union of the test sets holds. With every class present they agree.
     auroc = float(np.mean([binned_auroc(positive[c], negative[c]) for c in present])) if len(present) > 1 else None
     return {
         "accuracy": float(tp.sum() / total),
