@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from fedfactory.metrics import evaluate, metrics_from_counts, score_counts
+from fedfactory.metrics import binned_auroc, evaluate, metrics_from_counts, score_counts
 
 NAMES = tuple("abcde")
 
@@ -42,3 +42,10 @@ def test_counts_of_sites_add_up_to_the_counts_of_their_union():
     assert metrics_from_counts(**summed, class_names=NAMES) == evaluate(probs, labels, NAMES)
     empty = metrics_from_counts(**score_counts(np.zeros((0, 5)), np.zeros(0, np.int64), 5), class_names=NAMES)
     assert empty["num_test"] == 0 and empty["accuracy"] is None
+
+
+def test_binned_auroc_counts_ties_as_one_half_and_needs_both_sides():
+    assert binned_auroc(np.array([0, 0, 3]), np.array([2, 0, 0])) == 1.0
+    assert binned_auroc(np.array([0, 3, 0]), np.array([0, 2, 0])) == 0.5  # every pair tied in one bin
+    assert binned_auroc(np.array([1, 1, 0]), np.array([0, 1, 1])) == 0.5 / 4  # one tie, three pairs ranked wrong
+    assert binned_auroc(np.array([1, 0]), np.array([0, 0])) is None  # no negatives: undefined, not nan
