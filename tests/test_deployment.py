@@ -37,7 +37,7 @@ from fedfactory.data.datasets import DatasetError, load_data, read_class_folders
 from fedfactory.federation.factory import product_of_experts  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
-from fedfactory.flower.client_app import node_site, site_data  # noqa: E402
+from fedfactory.flower.client_app import node_partition, node_site, site_data  # noqa: E402
 from fedfactory.flower.run_config import parse_run_config  # noqa: E402
 from fedfactory.flower.server_app import (  # noqa: E402
     ReplyError,
@@ -215,6 +215,8 @@ def test_local_mode_sends_a_site_its_own_modules_only_where_it_uses_them(tmp_pat
 def test_a_site_is_told_how_to_fix_its_node_config(sites, tmp_path):
     with pytest.raises(ConfigError, match="partition-id, not a site"):
         node_site({"partition-id": 0, "num-partitions": 3})
+    with pytest.raises(ConfigError, match="site 'hospital-a' but the run is a simulation.*flower.deployment=true"):
+        node_partition({"site": "hospital-a", "data-root": str(sites)}, 3)
     with pytest.raises(ConfigError, match="site='Hospital A'.*lowercase"):
         node_site({"site": "Hospital A", "data-root": str(sites)})
     with pytest.raises(ConfigError, match="data-root=.*is not a folder"):

@@ -57,14 +57,17 @@ app = ClientApp()
 def node_partition(node_config: dict, num_clients: int) -> int:
     """This node's client id, checked against the run's data.num_clients."""
     k, n = node_config.get("partition-id"), node_config.get("num-partitions")
+    if "site" in node_config and k is None:
+        raise ConfigError(f"this SuperNode is site {str(node_config['site'])[:40]!r} but the run is a simulation; run "
+                          "a deployment with flower.deployment=true in the run config")
     if type(k) is not int or type(n) is not int:
-        raise ValueError(f"node config must set integer partition-id and num-partitions, got {k!r} and {n!r}; "
+        raise ConfigError(f"node config must set integer partition-id and num-partitions, got {k!r} and {n!r}; "
                          "start the SuperNode with --node-config 'partition-id=0 num-partitions=3'")
     if n != num_clients:
-        raise ValueError(f"node config num-partitions={n} but the run has data.num_clients={num_clients}; "
+        raise ConfigError(f"node config num-partitions={n} but the run has data.num_clients={num_clients}; "
                          "start one SuperNode per client and give every node num-partitions=data.num_clients")
     if not 0 <= k < n:
-        raise ValueError(f"node config partition-id={k} is outside [0, {n})")
+        raise ConfigError(f"node config partition-id={k} is outside [0, {n})")
     return k
 
 
