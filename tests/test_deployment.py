@@ -147,15 +147,17 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
         lying(1, classes=["4", "5", "mole"]),  # a class outside data.classes
         lying(2, counts=[145, 0, 145]),  # a non-positive count
         lying(9, counts=[145, 146, 1 << 40]),  # a count that would swamp the mixture weights
+        lying(10, site="site-f", error="x" * 10**5),  # an error text too long to keep whole
         lying(3, classes=["4", "4", "6"]),  # a class twice
         lying(4, site="Site B"),  # not a site name
         lying(5, one, classes=["4"], counts=[7]),  # the module was trained on more images than reported
         lying(6, one, site="site-e", classes=["5"], counts=[146]),  # a module of a class it did not report
     ]
-    got = collect_sites(replies, {f"ins-{n}": n for n in (*range(1, 7), 9)}, cfg, class_list(CLASSES), tmp_path)
+    got = collect_sites(replies, {f"ins-{n}": n for n in (*range(1, 7), 9, 10)}, cfg, class_list(CLASSES), tmp_path)
     reasons = {e["node_id"]: e["reason"] for e in got.errors}
     assert "outside data.classes" in reasons[1] and "positive integer" in reasons[2]
     assert "site site-b reports 1099511627776 images of one class, more than" in reasons[9]
+    assert got.site_errors["site-f"] == "x" * 2000 and len(reasons[10]) < 2100
     assert "a class twice" in reasons[3] and "not a site name" in reasons[4]
     assert [r["node_id"] for r in got.rejected] == [5, 6]
     assert "site reported 7" in got.rejected[0]["reason"] and "reported no such class" in got.rejected[1]["reason"]

@@ -69,6 +69,7 @@ app = ServerApp()
 # A site's images per class, as it reports them: far beyond any real site, and small enough that the sums of counts
 # (class histograms, mixture weights) stay exact in int64.
 MAX_CLASS_IMAGES = 1 << 31
+MAX_ERROR_CHARS = 2000  # of the error text a site sends
 
 
 class ReplyError(FedFactoryError, ValueError):
@@ -239,8 +240,8 @@ def _site_of(reply: Message, cfg: Config, classes: tuple[str, ...], got: Collect
     if info.get("config-hash") != config_hash(cfg):
         raise ReplyError(f"site {site} ran with a different config (hash {str(info.get('config-hash'))[:12]})")
     if isinstance(info.get("error"), str):
-        got.site_errors[site] = info["error"]
-        raise ReplyError(f"site {site} failed: {info['error']}")
+        got.site_errors[site] = info["error"][:MAX_ERROR_CHARS]  # a site's text goes into the log and metrics.json
+        raise ReplyError(f"site {site} failed: {got.site_errors[site]}")
     names, counts = info.get("classes"), info.get("counts")
     if not isinstance(names, list) or not isinstance(counts, list) or len(names) != len(counts) or not names:
         raise ReplyError(f"site {site} sent no class counts (classes and counts must be equal-length lists)")
@@ -390,7 +391,7 @@ def expert_round(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, modu
                 raise ReplyError(reply.error.reason)
             info = reply.content.config_records.get(CLIENT)
             if info is None or info.get("site") != site or isinstance(info.get("error"), str):
-                raise ReplyError(str(info.get("error")) if info else f"reply is not from site {site}")
+                raise ReplyError(str(info.get("error"))[:MAX_ERROR_CHARS] if info else f"reply is not from site {site}")
             payload = classifier_bytes(reply.content.array_records.get(CLASSIFIER, ArrayRecord()))
             if list(payload) != [site]:
                 raise ReplyError(f"expected one expert named {site}, got {sorted(payload)[:3]}")
