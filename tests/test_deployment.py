@@ -342,7 +342,8 @@ def serve_in_process(sites: Path, out: Path, monkeypatch, *overrides: str,
     return serve_sites(InProcessGrid(sites, list(names), run_config), cfg, fl)
 
 
-def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch, caplog):
+def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch, caplog,
+                                                                  capsys):
     # Both rounds of local mode with the real ClientApp behind an in-process grid: each site gets the others'
     # modules and, with synthesis.local_synthetic=all, its own back (a ClientApp keeps none), trains its expert on
     # 40 synthetic images of every class, and the product of experts is scored at the sites by counts.
@@ -369,6 +370,10 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
         assert metrics["expert_round"]["bytes_down"][s] > sum(sizes.values())
         assert metrics["experts"] and metrics["flower"]["bytes_on_wire"][s] > 0
     assert json.loads((out / "metrics.json").read_text())["experts"] == sorted(SITES)
+    # Unlearning would retrain every remaining expert on the sites' data, which the server does not hold: refused.
+    assert main(["unlearn", str(out), "--client", "site-b"]) == 2
+    assert "deployment in local mode" in capsys.readouterr().err
+    assert not (tmp_path / "local-unlearn-client-site-b").exists()
 
 
 def test_a_rerun_reuses_modules_and_retrains_what_a_sites_data_no_longer_backs(sites, tmp_path, monkeypatch):

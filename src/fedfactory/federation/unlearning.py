@@ -368,6 +368,11 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
     run_dir = Path(run_dir)
     clients, modules = tuple(clients), tuple(modules)
     cfg, partition_doc, before = read_source(run_dir)
+    if partition_doc.get("scheme") == "sites" and cfg.classifier.mode == "local":
+        # The experts are trained on the sites' real images, which the server's run directory does not hold.
+        raise UnlearningError(f"{run_dir} is a deployment in local mode: every remaining site must retrain its expert "
+                              "on its own data; rerun the federation without the site (fedfactory unlearn retrains "
+                              "only what the server holds, the classifier of server mode)")
     out = Path(out) if out is not None else default_out(run_dir, clients, modules)
     if out.exists():
         raise UnlearningError(f"{out} already exists; choose another --out or delete it")
