@@ -545,8 +545,9 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     if fl.deployment:
         return serve_sites(grid, cfg, fl)
     if cfg.classifier.mode != "server":
-        # "local" mode sends every client the others' modules: a second round these apps do not implement yet.
-        raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} runs only with `fedfactory run`; use server")
+        # "local" mode's second round (expert_round) is implemented for a deployment's sites only.
+        raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} runs with `fedfactory run` or in a deployment "
+                          "(flower.deployment=true); a simulation over Flower runs classifier.mode=server")
     # The data and the partition give partition.json, the modules to expect and the evaluation.
     out, device, timer, train, test, parts = start_run(cfg, kind="flower run")
     expected = expected_modules(train, parts, cfg.generator.min_samples)
