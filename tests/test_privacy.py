@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from fedfactory.cli import main
-from fedfactory.config import load_config
+from fedfactory.config import ConfigError, load_config
+from fedfactory.federation.factory import trained_as_asked
 from fedfactory.federation.runner import run
+from fedfactory.generative.aegmm import PRIVATE_BLUR_SIGMA
+from fedfactory.generative.artifact import ModuleError, module_to_bytes
 from fedfactory.privacy.accounting import (
     PrivacyBudgetError,
     gaussian_rdp,
@@ -17,6 +20,8 @@ from fedfactory.privacy.accounting import (
     sampled_gaussian_rdp,
 )
 from fedfactory.privacy.audit import auc, audit_images
+from fedfactory.privacy.dp import plan_privacy
+from fedfactory.registry import load_registry
 
 
 def test_unsubsampled_gaussian_has_the_closed_form_rdp():
@@ -26,6 +31,14 @@ def test_unsubsampled_gaussian_has_the_closed_form_rdp():
     assert np.allclose(sampled_gaussian_rdp(1.0, 2.0, 5, orders), 5 * np.array(orders) / 8)
     # The subsampled series at a rate just below 1 must agree with it (both series of Mironov et al. 2019).
     assert np.allclose(sampled_gaussian_rdp(1 - 1e-9, 2.0, 1, orders), np.array(orders) / 8, rtol=1e-4)
+
+
+def test_fractional_and_integer_series_agree_at_integer_orders():
+    # Two independent expansions of Mironov, Talwar, Zhang 2019: the binomial sum (integer orders) and the
+    # two erfc-weighted series (any order), evaluated just off the integer.
+    for q, sigma in ((0.01, 0.7), (0.3, 1.5)):
+        exact = sampled_gaussian_rdp(q, sigma, 1, [2, 3, 8])
+        assert np.allclose(sampled_gaussian_rdp(q, sigma, 1, [2 + 1e-9, 3 + 1e-9, 8 + 1e-9]), exact, rtol=1e-6)
 
 
 def test_dp_sgd_epsilon_matches_tf_privacys_published_value():
@@ -103,3 +116,81 @@ def test_cli_audit_writes_audit_json_and_changes_nothing_else(tiny_run, capsys):
 def test_cli_audit_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["audit", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "private"
+    cfg = load_config("tiny", [f"run.out={out}", "reference.centralized=false", "privacy.epsilon=8"])
+    return cfg, run(cfg), out
+
+
+def test_private_run_records_each_modules_guarantee(private_run):
+    cfg, metrics, out = private_run
+    modules = load_registry(out / "modules")
+    assert len(modules) == 10 and set(metrics["privacy"]) == {m.manifest["module_id"] for m in modules}
+    for manifest, tensors in modules:
+        p = manifest["privacy"]
+        assert metrics["privacy"][manifest["module_id"]] == p
+        assert 7.9 < p["epsilon"] <= 8 and p["delta"] == 1e-5 and "rdp" in p["accountant"]
+        assert any("DP-SGD" in m for m in p["mechanisms"])
+        # Nothing the images fix without noise: one noisy Gaussian, no residual, a fixed blur, no batch loss.
+        assert tensors["mixture.means"].shape[0] == 1 and not any(k.startswith("residual.") for k in tensors)
+        assert manifest["training"]["blur_sigma"] == PRIVATE_BLUR_SIGMA and "final_loss" not in manifest["training"]
+        # The composed epsilon, recomputed from the recorded mechanisms, is what the manifest claims.
+        t = manifest["training"]
+        plan = plan_privacy(8.0, 1e-5, 1.0, manifest["num_samples"], t["batch_size"], t["steps"])
+        rdp = (sampled_gaussian_rdp(plan.sampling_rate, plan.noise_multiplier, plan.steps)
+               + 2 * gaussian_rdp(plan.statistics_noise_multiplier))
+        assert rdp_to_epsilon(rdp, 1e-5)[0] == pytest.approx(p["epsilon"], abs=1e-5)
+    html = (out / "report.html").read_text()
+    assert "differentially private" in html
+
+
+def test_private_and_plain_modules_are_never_reused_for_each_other(private_run, tiny_run):
+    cfg, _, out = private_run
+    private = load_registry(out / "modules")[0].manifest
+    plain = load_registry(tiny_run / "modules")[0].manifest
+    assert trained_as_asked(private, cfg) is None
+    assert "dp_epsilon" in trained_as_asked(private, load_config("tiny"))
+    assert "dp_epsilon" in trained_as_asked(plain, cfg)
+    assert "dp_epsilon" in trained_as_asked(private, load_config("tiny", ["privacy.epsilon=4"]))
+
+
+def test_a_budget_the_steps_cannot_meet_is_refused_before_training(tmp_path):
+    out = tmp_path / "refused"
+    # 143 images, batch 32: 3000 steps at epsilon 0.5 would need far more noise than a useful module tolerates.
+    cfg = load_config("tiny", [f"run.out={out}", "privacy.epsilon=0.5", "generator.steps=3000"])
+    with pytest.raises(PrivacyBudgetError, match=r"cannot be met with 3000 DP-SGD steps.*lower generator.steps"):
+        run(cfg)
+    assert not list((out / "modules").glob("*.safetensors"))
+    with pytest.raises(PrivacyBudgetError, match="privacy.delta"):
+        plan_privacy(1.0, 0.01, 1.0, 143, 32, 30)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("privacy.epsilon=-1", "must be >= 0"),
+    ("privacy.delta=0", r"must lie in \(0, 1\)"),
+    ("privacy.max_grad_norm=0", "must be > 0"),
+])
+def test_privacy_config_is_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generator.family=edm", "only supported for aegmm"),
+    ("generator.residual_rank=4", "generator.residual_rank=0"),
+    ("generator.adversarial=0.1", "generator.adversarial=0"),
+])
+def test_privacy_refuses_what_it_cannot_protect(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", ["privacy.epsilon=1", override])
+
+
+def test_a_module_with_a_malformed_guarantee_is_refused(private_run, tmp_path):
+    _, _, out = private_run
+    manifest, tensors = load_registry(out / "modules")[0]
+    for bad in ({"epsilon": -1.0}, {"delta": 2.0}, {"mechanisms": [1]}, {"extra": "x"}):
+        with pytest.raises(ModuleError, match="privacy"):
+            module_to_bytes(tensors, manifest | {"privacy": manifest["privacy"] | bad})

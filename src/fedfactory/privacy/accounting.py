@@ -26,61 +26,39 @@ class PrivacyBudgetError(FedFactoryError, ValueError):
     """A privacy budget that cannot be met (or parameters that define no mechanism)."""
 
 
-def _log_add(a: float, b: float) -> float:
-    """log(exp(a) + exp(b)) without overflow."""
-    if a == -math.inf:
-        return b
-    if b == -math.inf:
-        return a
-    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
-
-
-def _log_sub(a: float, b: float) -> float:
-    """log(exp(a) - exp(b)) for a >= b."""
-    if b == -math.inf:
-        return a
-    if a <= b:
-        return -math.inf  # equal terms cancel; a < b only from rounding in the tail of the series
-    return a + math.log1p(-math.exp(b - a))
-
-
-def _log_erfc(x: float) -> float:
-    """log(erfc(x)), accurate for large x where erfc underflows."""
-    return math.log(2) + float(special.log_ndtr(-x * math.sqrt(2)))
-
-
 def _log_a_int(q: float, sigma: float, alpha: int) -> float:
     """log A_alpha for an integer order: the binomial expansion of Sec. 3.3 of Mironov, Talwar, Zhang 2019."""
-    log_a = -math.inf
-    for i in range(alpha + 1):
-        log_coef = (math.log(special.binom(alpha, i)) + i * math.log(q) + (alpha - i) * math.log1p(-q))
-        log_a = _log_add(log_a, log_coef + (i * i - i) / (2 * sigma**2))
-    return log_a
+    i = np.arange(alpha + 1, dtype=np.float64)
+    log_binom = special.gammaln(alpha + 1) - special.gammaln(i + 1) - special.gammaln(alpha - i + 1)
+    terms = log_binom + i * math.log(q) + (alpha - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
+    return float(special.logsumexp(terms))
 
 
-def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
+def _log_a_frac(q: float, sigma: float, alpha: float, chunk: int = 256) -> float:
     """log A_alpha for a fractional order: the two convergent series of Sec. 3.3 of Mironov, Talwar, Zhang 2019,
-    split at z0 where the two Gaussians' densities, weighted by the sampling, cross."""
-    log_a0, log_a1 = -math.inf, -math.inf
+    split at z0 where the two Gaussians' densities, weighted by the sampling, cross.
+
+    Summed in chunks of terms until the first term of both series falls below exp(-30), as TF-Privacy does;
+    binom(alpha, i) changes sign past alpha, so the terms carry signs through the log-sum-exp.
+    """
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    i = 0
-    while True:
-        coef = special.binom(alpha, i)
-        log_coef = math.log(abs(coef))
+    logs, signs = [], []
+    for start in range(0, 1 << 20, chunk):
+        i = np.arange(start, start + chunk, dtype=np.float64)
         j = alpha - i
-        log_t0 = log_coef + i * math.log(q) + j * math.log1p(-q)
-        log_t1 = log_coef + j * math.log(q) + i * math.log1p(-q)
-        log_e0 = math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2) * sigma))
-        log_e1 = math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma))
-        log_s0 = log_t0 + (i * i - i) / (2 * sigma**2) + log_e0
-        log_s1 = log_t1 + (j * j - j) / (2 * sigma**2) + log_e1
-        if coef > 0:
-            log_a0, log_a1 = _log_add(log_a0, log_s0), _log_add(log_a1, log_s1)
-        else:
-            log_a0, log_a1 = _log_sub(log_a0, log_s0), _log_sub(log_a1, log_s1)
-        i += 1
-        if max(log_s0, log_s1) < -30:
-            return _log_add(log_a0, log_a1)
+        log_coef = special.gammaln(alpha + 1) - special.gammaln(i + 1) - special.gammaln(j + 1)  # log |binom|
+        sign = special.gammasgn(j + 1)
+        log_e0 = math.log(0.5) + math.log(2) + special.log_ndtr(-(i - z0) / sigma)  # 1/2 erfc((i - z0)/(sqrt2 s))
+        log_e1 = math.log(0.5) + math.log(2) + special.log_ndtr(-(z0 - j) / sigma)
+        log_s0 = log_coef + i * math.log(q) + j * math.log1p(-q) + (i * i - i) / (2 * sigma**2) + log_e0
+        log_s1 = log_coef + j * math.log(q) + i * math.log1p(-q) + (j * j - j) / (2 * sigma**2) + log_e1
+        small = np.flatnonzero(np.maximum(log_s0, log_s1) < -30)
+        stop = small[0] + 1 if len(small) else chunk
+        logs += [log_s0[:stop], log_s1[:stop]]
+        signs += [sign[:stop], sign[:stop]]
+        if len(small):
+            break
+    return float(special.logsumexp(np.concatenate(logs), b=np.concatenate(signs)))
 
 
 def gaussian_rdp(noise_multiplier: float, orders: Sequence[float] = DEFAULT_ORDERS) -> np.ndarray:
