@@ -5,13 +5,16 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from fedfactory.cli import main
 from fedfactory.config import ConfigError, load_config
+from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import trained_as_asked
 from fedfactory.federation.runner import run
 from fedfactory.generative.aegmm import PRIVATE_BLUR_SIGMA
 from fedfactory.generative.artifact import ModuleError, module_to_bytes
+from fedfactory.generative.train import train_module
 from fedfactory.privacy.accounting import (
     PrivacyBudgetError,
     gaussian_rdp,
@@ -19,9 +22,9 @@ from fedfactory.privacy.accounting import (
     rdp_to_epsilon,
     sampled_gaussian_rdp,
 )
-from fedfactory.privacy.audit import auc, audit_images
+from fedfactory.privacy.audit import auc, audit_images, audit_module
 from fedfactory.privacy.dp import plan_privacy
-from fedfactory.registry import load_registry
+from fedfactory.registry import Module, load_registry
 
 
 def test_unsubsampled_gaussian_has_the_closed_form_rdp():
@@ -194,3 +197,14 @@ def test_a_module_with_a_malformed_guarantee_is_refused(private_run, tmp_path):
     for bad in ({"epsilon": -1.0}, {"delta": 2.0}, {"mechanisms": [1]}, {"extra": "x"}):
         with pytest.raises(ModuleError, match="privacy"):
             module_to_bytes(tensors, manifest | {"privacy": manifest["privacy"] | bad})
+
+
+def test_edm_modules_also_get_the_white_box_denoising_attack():
+    train, test = load_dataset("digits", image_size=8)
+    members, non_members = train.images[train.labels == 3], test.images[test.labels == 3]
+    cfg = load_config("tiny", ["generator.family=edm", "generator.steps=20", "generator.sampler_steps=4"]).generator
+    tensors, fields = train_module(members, cfg, 0, torch.device("cpu"), progress=False)
+    manifest = {"module_id": "client-000_class-003", "client_id": 0, "class_id": 3, "class_name": "3"} | fields
+    result = audit_module(Module(manifest, tensors), members, non_members, 0, num_synthetic=50, resamples=20)
+    assert 0 <= result["mia_auc_white_box"] <= 1 and len(result["mia_auc_white_box_interval"]) == 2
+    assert result["privacy"] is None
