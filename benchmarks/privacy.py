@@ -44,8 +44,8 @@ def audit(run_dir: Path) -> dict:
                                            "ratio_quantiles")} for r in a["modules"]]}
 
 
-def markdown(rows: list[dict], prov: dict, title: str) -> str:
-    lines = [f"# {title}", "", provenance_line(prov), "",
+def markdown(rows: list[dict], prov: dict, title: str, note: str = "") -> str:
+    lines = [f"# {title}", "", provenance_line(prov), ""] + ([note, ""] if note else []) + [
              "| epsilon (delta) | accuracy | client training s | end to end s | MIA AUC max | near-copy fraction max |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--epsilons", default="10,1", help="comma-separated privacy.epsilon values (0 = off)")
     p.add_argument("--audit-only", nargs="*", default=None, metavar="RUN_DIR", help="audit these finished runs")
     p.add_argument("--name", required=True, help="results file stem in benchmarks/results")
+    p.add_argument("--note", default="", help="a paragraph for the results file (where the runs came from)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run")
     args = p.parse_args()
     rows = []
@@ -89,9 +90,10 @@ def main() -> None:
             prov = provenance(__file__, sys.argv[1:])
             atomic_write_json(RESULTS / f"{args.name}.json", {"provenance": prov, "rows": rows})
     prov = provenance(__file__, sys.argv[1:])
-    atomic_write_json(RESULTS / f"{args.name}.json", {"provenance": prov, "rows": rows})
-    atomic_write_text(RESULTS / f"{args.name}.md", markdown(rows, prov, f"Privacy: {args.name}"))
-    print(markdown(rows, prov, args.name))
+    atomic_write_json(RESULTS / f"{args.name}.json", {"provenance": prov, "note": args.note, "rows": rows})
+    text = markdown(rows, prov, f"Privacy: {args.name}", args.note)
+    atomic_write_text(RESULTS / f"{args.name}.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
