@@ -136,16 +136,17 @@ def test_private_run_records_each_modules_guarantee(private_run):
         p = manifest["privacy"]
         assert metrics["privacy"][manifest["module_id"]] == p
         assert 7.9 < p["epsilon"] <= 8 and p["delta"] == 1e-5 and "rdp" in p["accountant"]
-        assert any("DP-SGD" in m for m in p["mechanisms"])
+        assert any("random Fourier features" in m for m in p["mechanisms"])
         # Nothing the images fix without noise: one noisy Gaussian, no residual, a fixed blur, no batch loss.
         assert tensors["mixture.means"].shape[0] == 1 and not any(k.startswith("residual.") for k in tensors)
         assert manifest["training"]["blur_sigma"] == PRIVATE_BLUR_SIGMA and "final_loss" not in manifest["training"]
         # The composed epsilon, recomputed from the recorded mechanisms, is what the manifest claims.
         t = manifest["training"]
-        plan = plan_privacy(8.0, 1e-5, 1.0, manifest["num_samples"], t["batch_size"], t["steps"])
-        rdp = (sampled_gaussian_rdp(plan.sampling_rate, plan.noise_multiplier, plan.steps)
-               + 2 * gaussian_rdp(plan.statistics_noise_multiplier))
-        assert rdp_to_epsilon(rdp, 1e-5)[0] == pytest.approx(p["epsilon"], abs=1e-5)
+        plan = plan_privacy(8.0, 1e-5, 1.0, manifest["num_samples"], t["batch_size"], t["steps"], method="embedding")
+        assert f"noise multiplier {plan.noise_multiplier:.4f}" in p["mechanisms"][0]
+        assert rdp_to_epsilon(gaussian_rdp(plan.noise_multiplier), 1e-5)[0] == pytest.approx(p["epsilon"], abs=1e-5)
+        # The latent model is fixed, not fitted: a standard normal.
+        assert float(tensors["mixture.means"].abs().max()) == 0.0
     html = (out / "report.html").read_text()
     assert "differentially private" in html
 
@@ -158,12 +159,28 @@ def test_private_and_plain_modules_are_never_reused_for_each_other(private_run, 
     assert "dp_epsilon" in trained_as_asked(private, load_config("tiny"))
     assert "dp_epsilon" in trained_as_asked(plain, cfg)
     assert "dp_epsilon" in trained_as_asked(private, load_config("tiny", ["privacy.epsilon=4"]))
+    assert "dp_method" in trained_as_asked(private, load_config("tiny", ["privacy.epsilon=8", "privacy.method=dp-sgd"]))
+
+
+def test_dp_sgd_modules_compose_sgd_and_moments_in_one_guarantee():
+    train, _ = load_dataset("digits", image_size=8)
+    images = train.images[train.labels == 3]
+    cfg = load_config("tiny", ["generator.steps=8", "privacy.epsilon=5", "privacy.method=dp-sgd"])
+    tensors, fields = train_module(images, cfg.generator, 0, torch.device("cpu"), progress=False, privacy=cfg.privacy)
+    p, t = fields["privacy"], fields["training"]
+    assert "DP-SGD" in p["mechanisms"][0] and t["dp_max_grad_norm"] == 1.0 and "final_loss" not in t
+    plan = plan_privacy(5.0, 1e-5, 1.0, len(images), 32, 8)
+    rdp = (sampled_gaussian_rdp(plan.sampling_rate, plan.noise_multiplier, 8)
+           + 2 * gaussian_rdp(plan.statistics_noise_multiplier))
+    assert rdp_to_epsilon(rdp, 1e-5)[0] == pytest.approx(p["epsilon"], abs=1e-5) and p["epsilon"] <= 5
+    assert all(torch.isfinite(v).all() for v in tensors.values())
 
 
 def test_a_budget_the_steps_cannot_meet_is_refused_before_training(tmp_path):
     out = tmp_path / "refused"
     # 143 images, batch 32: 3000 steps at epsilon 0.5 would need far more noise than a useful module tolerates.
-    cfg = load_config("tiny", [f"run.out={out}", "privacy.epsilon=0.5", "generator.steps=3000"])
+    cfg = load_config("tiny", [f"run.out={out}", "privacy.epsilon=0.5", "privacy.method=dp-sgd",
+                               "generator.steps=3000"])
     with pytest.raises(PrivacyBudgetError, match=r"cannot be met with 3000 DP-SGD steps.*lower generator.steps"):
         run(cfg)
     assert not list((out / "modules").glob("*.safetensors"))
@@ -175,6 +192,7 @@ def test_a_budget_the_steps_cannot_meet_is_refused_before_training(tmp_path):
     ("privacy.epsilon=-1", "must be >= 0"),
     ("privacy.delta=0", r"must lie in \(0, 1\)"),
     ("privacy.max_grad_norm=0", "must be > 0"),
+    ("privacy.method=opacus", "valid values are embedding, dp-sgd"),
 ])
 def test_privacy_config_is_validated(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -105,6 +105,8 @@ class PrivacyConfig:
     """Differentially private modules (aegmm only): each module is (epsilon, delta)-DP for its site's images."""
 
     epsilon: float = 0.0  # the whole module's budget; 0 = off (no guarantee)
+    # embedding: one noisy random-feature embedding, then the decoder fits it (DP-MERF) | dp-sgd: DP-SGD autoencoder
+    method: str = "embedding"
     delta: float = 1e-5  # must lie below 1 / (images of the smallest module)
     max_grad_norm: float = 1.0  # DP-SGD: per-image gradient clipping norm (L2)
 
@@ -131,6 +133,7 @@ CHOICES = {
     ("classifier", "mode"): ("server", "local"),
     ("classifier", "norm"): ("batch", "group"),
     ("baselines", "weighting"): ("samples", "uniform"),
+    ("privacy", "method"): ("embedding", "dp-sgd"),
 }
 AUGMENTATIONS = ("flip", "crop", "blur", "noise")  # classifier.augment joins any of these with "+"
 POSITIVE = {

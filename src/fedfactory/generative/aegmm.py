@@ -286,6 +286,64 @@ def fit_private_densities(ema: AutoEncoder, images: np.ndarray, radius: float, n
     return tensors, {"blur_sigma": PRIVATE_BLUR_SIGMA, "mixture_size": 1}
 
 
+RFF_FEATURES = 4096  # random frequencies; each gives a cosine and a sine feature
+RFF_SCALES = (0.25, 0.5, 1.0)  # Gaussian-kernel bandwidths, in units of sqrt(pixels): fixed, not fitted
+
+
+def random_frequencies(image_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Frequencies (C*H*W, RFF_FEATURES) of random Fourier features for a sum of Gaussian kernels (Rahimi and
+    Recht 2007), one block per bandwidth in RFF_SCALES x sqrt(pixels); drawn from the seed, never from data."""
+    dim = math.prod(image_shape)
+    gen = torch_generator(seed, "frequencies")
+    blocks = [torch.randn(dim, RFF_FEATURES // len(RFF_SCALES), generator=gen) / (s * math.sqrt(dim))
+              for s in RFF_SCALES]
+    return torch.cat(blocks, 1)
+
+
+def random_features(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """phi(x) (B, 2F) = [cos(x w), sin(x w)] / sqrt(F) for images x (B, C, H, W): every phi(x) has norm exactly 1."""
+    proj = x.flatten(1) @ frequencies
+    return torch.cat([proj.cos(), proj.sin()], 1) / math.sqrt(frequencies.shape[1])
+
+
+@torch.no_grad()
+def noisy_embedding(images: np.ndarray, frequencies: torch.Tensor, noise_multiplier: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    """The private mean embedding of the images (2F,): the sum of their features, whose norm one image changes by
+    at most 1, plus N(0, noise_multiplier^2 I), over the (public) count: one Gaussian mechanism (DP-MERF, Harder
+    et al. 2021, Eq. 6)."""
+    total = sum(random_features(torch.from_numpy(to_float(images[i:i + 1000])), frequencies).double().sum(0)
+                for i in range(0, len(images), 1000))
+    return ((total + noise_multiplier * torch.randn(total.shape, generator=generator, dtype=torch.float64))
+            / len(images)).float()
+
+
+def fit_embedding_decoder(decoder: nn.Module, embedding: torch.Tensor, frequencies: torch.Tensor, latent_dim: int,
+                          steps: int, batch_size: int, lr: float, lr_at, seed: int) -> float:
+    """Train the decoder so that decoded N(0, I) latents have the private embedding: minimise the squared
+    distance of mean embeddings, an MMD with the random-feature kernel (DP-MERF, Harder et al. 2021, Eq. 8).
+
+    It touches only the released embedding, never an image: post-processing, free of privacy cost.
+    """
+    gen = torch_generator(seed, "latents")
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        z = torch.randn(batch_size, latent_dim, generator=gen)
+        loss = (random_features(decoder(z), frequencies).mean(0) - embedding).pow(2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss.item())
+
+
+def standard_normal_latents(latent_dim: int) -> dict[str, torch.Tensor]:
+    """The latent model of a decoder trained on N(0, I) latents: one standard Gaussian, fixed without data."""
+    return {"mixture.log_weights": torch.zeros(1), "mixture.means": torch.zeros(1, latent_dim),
+            "mixture.scale_tril": torch.eye(latent_dim)[None].contiguous()}
+
+
 @torch.no_grad()
 def decode_samples(decoder: nn.Module, tensors: dict[str, torch.Tensor], noise: torch.Tensor,
                    latent_dim: int, residual_rank: int) -> np.ndarray:

@@ -19,14 +19,20 @@ from fedfactory.data.datasets import to_float, to_uint8
 from fedfactory.errors import FedFactoryError
 from fedfactory.generative.aegmm import (
     BLUR_GRID,
+    PRIVATE_BLUR_SIGMA,
+    RFF_FEATURES,
     AutoEncoder,
     PatchDiscriminator,
     autoencoder_loss,
     decode_samples,
     discriminator_loss,
     fit_densities,
+    fit_embedding_decoder,
     fit_private_densities,
+    noisy_embedding,
     per_image_gradients,
+    random_frequencies,
+    standard_normal_latents,
 )
 from fedfactory.generative.edm import EDMParams, edm_loss, heun_sample
 from fedfactory.generative.unet import UNet
@@ -105,8 +111,9 @@ def requested_training(cfg: GeneratorConfig, num_images: int, seed: int,
     if adversarial(cfg):
         fields |= {"adversarial": cfg.adversarial, "adversarial_start": cfg.adversarial_start}
     if privacy.epsilon > 0:
-        fields |= {"dp_epsilon": privacy.epsilon, "dp_delta": privacy.delta,
-                   "dp_max_grad_norm": privacy.max_grad_norm}
+        fields |= {"dp_epsilon": privacy.epsilon, "dp_delta": privacy.delta, "dp_method": privacy.method}
+        if privacy.method == "dp-sgd":
+            fields["dp_max_grad_norm"] = privacy.max_grad_norm
     return fields
 
 
@@ -117,7 +124,24 @@ def module_privacy_plan(cfg: GeneratorConfig, privacy: PrivacyConfig, num_images
     if privacy.epsilon <= 0:
         return None
     return plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images, cfg.batch_size,
-                        planned_steps(cfg, num_images), desc)
+                        planned_steps(cfg, num_images), desc, privacy.method)
+
+
+EMBEDDING_BATCH = 128  # decoded latents per step: enough for their mean embedding to be a fair estimate
+
+
+def train_embedding_module(images: np.ndarray, cfg: GeneratorConfig, plan: PrivacyPlan,
+                           seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """A private aegmm module by DP-MERF (Harder et al. 2021): release one noisy mean embedding of the images,
+    then train the decoder on standard-normal latents to match it. Only the first line reads the images."""
+    image_shape = (images.shape[3], images.shape[1], images.shape[2])
+    frequencies = random_frequencies(image_shape, derive_seed(seed, "features"))
+    embedding = noisy_embedding(images, frequencies, plan.noise_multiplier, torch_generator(seed, "dp-noise"))
+    model = build_network("aegmm", image_shape, network_config(cfg, image_shape))
+    fit_embedding_decoder(model.decoder, embedding, frequencies, cfg.latent_dim, plan.steps, EMBEDDING_BATCH,
+                          cfg.lr, lr_at, seed)
+    tensors = {f"decoder.{k}": v.detach().contiguous() for k, v in model.decoder.state_dict().items()}
+    return tensors | standard_normal_latents(cfg.latent_dim), {"blur_sigma": PRIVATE_BLUR_SIGMA, "mixture_size": 1}
 
 
 def private_step(model: torch.nn.Module, x: torch.Tensor, plan: PrivacyPlan, radius: float,
@@ -172,6 +196,11 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     torch.manual_seed(derive_seed(seed, "init"))  # parameter init is the only use of the global generator
     training = requested_training(cfg, len(images), seed, privacy)
     steps = training["steps"]
+    if plan is not None and plan.method == "embedding":
+        tensors, fields = train_embedding_module(images, cfg, plan, seed)
+        return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
+                         "diffusion": {}, "training": training | fields,
+                         "privacy": plan.manifest(radius, fields["blur_sigma"], 2 * RFF_FEATURES)}
     model = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema.load_state_dict(model.state_dict())

@@ -1,11 +1,14 @@
 """Differentially private training pieces: the budget plan, DP-SGD's noisy gradient, noisy moments.
 
-A private module is (epsilon, delta)-DP with respect to adding or removing one of its site's images. It is built
-from mechanisms that one RDP accountant composes (accounting.py):
-- DP-SGD (Abadi et al. 2016, Alg. 1) for the autoencoder: Poisson sampling at rate q = batch / n, per-image
+A private module is (epsilon, delta)-DP with respect to adding or removing one of its site's images. Two ways
+(privacy.method), each a set of mechanisms that one RDP accountant composes (accounting.py):
+- "embedding" (DP-MERF, Harder et al. 2021): one Gaussian mechanism releases the sum of the images' random
+  Fourier features (each of norm 1); the decoder is then trained, from standard-normal latents, to match that
+  embedding, reading no image. On 2 CPU cores this is the one that gives usable modules (README, Privacy).
+- "dp-sgd" (Abadi et al. 2016, Alg. 1) for the autoencoder: Poisson sampling at rate q = batch / n, per-image
   gradients clipped to max_grad_norm, Gaussian noise of std noise_multiplier x max_grad_norm on their sum;
-- two Gaussian mechanisms for the latent model: the sum of clipped latents and the sum of their outer products
-  (the "Analyze Gauss" release of second moments, Dwork, Talwar, Thakurta, Zhang 2014).
+  plus two Gaussian mechanisms for the latent model: the sum of clipped latents and the sum of their outer
+  products (the "Analyze Gauss" release of second moments, Dwork, Talwar, Thakurta, Zhang 2014).
 Everything else the module ships is post-processing of these, or fixed without looking at the images.
 The class count n is not privatized: the server needs it to weight modules (as Opacus and TF-Privacy, the
 accountant takes the dataset size as given), and the README says so.
@@ -38,23 +41,35 @@ MAX_NOISE_MULTIPLIER = 10.0
 class PrivacyPlan:
     """The mechanisms of one private module and what they spend together."""
 
+    method: str  # embedding | dp-sgd
     target_epsilon: float
     delta: float
     num_images: int
     steps: int
     sampling_rate: float
     max_grad_norm: float
-    noise_multiplier: float  # DP-SGD
-    statistics_noise_multiplier: float  # each of the two latent-moment releases
+    noise_multiplier: float  # DP-SGD, or the embedding's release
+    statistics_noise_multiplier: float  # dp-sgd: each of the two latent-moment releases (0 for embedding)
     epsilon: float  # what the composition spends, <= target_epsilon
     order: float  # the RDP order that gives it
 
-    def manifest(self, latent_radius: float, blur_sigma: float) -> dict:
+    def manifest(self, latent_radius: float, blur_sigma: float, features: int = 0) -> dict:
         """The manifest's `privacy` entry: the guarantee and every mechanism behind it."""
-        return {
-            "epsilon": round(self.epsilon, 6), "delta": self.delta,
-            "accountant": f"{ACCOUNTANT}: Renyi DP (Mironov 2017), Poisson-sampled Gaussian (Mironov, Talwar, Zhang "
-                          f"2019), converted at order {self.order:g} (Balle et al. 2020); add or remove one image",
+        common = {"epsilon": round(self.epsilon, 6), "delta": self.delta,
+                  "accountant": f"{ACCOUNTANT}: Renyi DP (Mironov 2017), Poisson-sampled Gaussian (Mironov, Talwar, "
+                                f"Zhang 2019), converted at order {self.order:g} (Balle et al. 2020); add or remove "
+                                "one image"}
+        if self.method == "embedding":
+            return common | {"mechanisms": [
+                f"embedding: Gaussian mechanism on the sum of {features} random Fourier features of norm 1, noise "
+                f"multiplier {self.noise_multiplier:.4f} (DP-MERF)",
+                f"decoder: {self.steps} steps fitted to the released embedding only (post-processing)",
+                "latent model: standard normal, fixed",
+                f"blur: fixed at {blur_sigma:g} pixels, not measured",
+                "residual model, adversarial critic: off",
+                f"image count {self.num_images}: public, not privatized",
+            ]}
+        return common | {
             "mechanisms": [
                 f"autoencoder: DP-SGD, {self.steps} steps, Poisson sampling rate {self.sampling_rate:.6g}, clipping "
                 f"norm {self.max_grad_norm:g}, noise multiplier {self.noise_multiplier:.4f}",
@@ -69,7 +84,7 @@ class PrivacyPlan:
 
 @functools.lru_cache(maxsize=256)  # the same module is planned before training (to refuse early) and while training
 def plan_privacy(epsilon: float, delta: float, max_grad_norm: float, num_images: int, batch_size: int,
-                 steps: int, desc: str = "module") -> PrivacyPlan:
+                 steps: int, desc: str = "module", method: str = "dp-sgd") -> PrivacyPlan:
     """The noise every mechanism needs so the module spends at most (epsilon, delta); refuses an impossible budget.
 
     Called before training: a budget that the requested steps cannot meet is an error, not a useless module.
@@ -77,6 +92,11 @@ def plan_privacy(epsilon: float, delta: float, max_grad_norm: float, num_images:
     if delta >= 1 / num_images:
         raise PrivacyBudgetError(f"{desc}: privacy.delta={delta} is not below 1/n = 1/{num_images}, which lets a "
                                  f"mechanism publish an image outright; lower privacy.delta below {1 / num_images:.2g}")
+    if method == "embedding":
+        # One release; the decoder's steps read only it, so any number of them is free.
+        sigma = noise_for_budget(epsilon, delta, 1.0, 1)
+        spent, order = rdp_to_epsilon(gaussian_rdp(sigma), delta)
+        return PrivacyPlan(method, epsilon, delta, num_images, steps, 0.0, max_grad_norm, sigma, 0.0, spent, order)
     q = min(1.0, batch_size / num_images)
     stats_sigma = noise_for_budget(STATISTICS_SHARE * epsilon, delta, 1.0, 2)
     stats_rdp = 2 * gaussian_rdp(stats_sigma)
@@ -90,7 +110,7 @@ def plan_privacy(epsilon: float, delta: float, max_grad_norm: float, num_images:
                                  f"sampling rate {q:.4g} ({num_images} images, batch {batch_size}) without a noise "
                                  f"multiplier above {MAX_NOISE_MULTIPLIER:g}; {fix}") from None
     spent, order = rdp_to_epsilon(sampled_gaussian_rdp(q, sigma, steps) + stats_rdp, delta)
-    return PrivacyPlan(epsilon, delta, num_images, steps, q, max_grad_norm, sigma, stats_sigma, spent, order)
+    return PrivacyPlan(method, epsilon, delta, num_images, steps, q, max_grad_norm, sigma, stats_sigma, spent, order)
 
 
 def max_steps(epsilon: float, delta: float, sampling_rate: float, extra_rdp) -> int:
