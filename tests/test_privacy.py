@@ -25,6 +25,7 @@ from fedfactory.privacy.accounting import (
 from fedfactory.privacy.audit import auc, audit_images, audit_module
 from fedfactory.privacy.dp import plan_privacy
 from fedfactory.registry import Module, load_registry
+from fedfactory.report import render_report
 
 
 def test_unsubsampled_gaussian_has_the_closed_form_rdp():
@@ -114,6 +115,8 @@ def test_cli_audit_writes_audit_json_and_changes_nothing_else(tiny_run, capsys):
     after = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.name != "audit.json"}
     assert after == before
     assert not (tiny_run / "audit-closest.png").exists()  # the figure shows real images: only when asked
+    html = render_report(tiny_run)
+    assert "membership-inference AUC at most" in html and "No module carries a differential-privacy" in html
 
 
 def test_cli_audit_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
