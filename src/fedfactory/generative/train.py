@@ -225,23 +225,20 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         lr = lr_at(step, steps, cfg.lr)
         for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
             group["lr"] = lr
+        # Loss: L1 reconstruction (+ the adversarial term once the autoencoder has a shape to refine) for the
+        # autoencoder, Eq. 8 of EDM for diffusion; under DP-SGD the gradient is set by private_step instead.
+        critic = disc if disc is not None and step >= adversarial_from else None
+        opt.zero_grad(set_to_none=True)
         if plan is not None:
             # DP-SGD: clipped per-image gradients plus Gaussian noise (Abadi et al. 2016, Alg. 1).
-            opt.zero_grad(set_to_none=True)
             loss = private_step(model, x, plan, radius, noise_gen)
-            opt.step()
-            update_ema(ema, model, step)
-            continue
-        # Loss: L1 reconstruction (+ the adversarial term once the autoencoder has a shape to refine) for the
-        # autoencoder, Eq. 8 of EDM for diffusion.
-        critic = disc if disc is not None and step >= adversarial_from else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            if cfg.family == "aegmm":
-                loss, fakes = autoencoder_loss(model, x, critic, cfg.adversarial, gen)
-            else:
-                loss = edm_loss(model, x, params, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if cfg.family == "aegmm":
+                    loss, fakes = autoencoder_loss(model, x, critic, cfg.adversarial, gen)
+                else:
+                    loss = edm_loss(model, x, params, generator=gen)
+            loss.backward()
         opt.step()
         update_ema(ema, model, step)
         if critic is not None:
