@@ -1,5 +1,5 @@
 """Command line: `fedfactory run [--config FILE|PRESET] [section.key=value ...]`, `fedfactory report RUN_DIR`,
-`fedfactory unlearn RUN_DIR --client K [--verify]`, `fedfactory inspect MODULE|DIR`,
+`fedfactory unlearn RUN_DIR --client K [--verify]`, `fedfactory inspect MODULE|DIR`, `fedfactory audit RUN_DIR`,
 `fedfactory compare [--config FILE|PRESET] [--methods m1,m2] [section.key=value ...]`,
 `fedfactory split-sites [--config FILE|PRESET] --out DIR [section.key=value ...]`."""
 
@@ -65,6 +65,16 @@ def cmd_split_sites(args) -> int:
     for site, counts in doc["sites"].items():
         print(f"{site}: {counts['train']} training and {counts['test']} test images in {args.out}/{site}")
     print(f"run config for the deployment: {doc['run_config']}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from fedfactory.device import select_device
+    from fedfactory.privacy.audit import audit_run, summary_line
+
+    doc = audit_run(args.run_dir, num_synthetic=args.synthetic, max_candidates=args.candidates,
+                    figure=args.figure, device=select_device(args.device))
+    print(f"{summary_line(doc)}; written to {Path(args.run_dir) / 'audit.json'}")
     return 0
 
 
@@ -176,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="also retrain the remaining modules from scratch and check the classifier is bit-identical")
     p.set_defaults(func=cmd_unlearn)
+    p = sub.add_parser("audit", help="memorization and membership inference of every module: RUN_DIR/audit.json")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--synthetic", type=int, default=2000, help="synthetic samples per module (default 2000)")
+    p.add_argument("--candidates", type=int, default=1000,
+                   help="members and non-members each that the attack scores (default 1000)")
+    p.add_argument("--figure", action="store_true", help="also write RUN_DIR/audit-closest.png, the synthetic "
+                   "samples closest to training images (shows real images: only for whoever may see the site's data)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="device for sampling")
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("inspect", help="print a module's manifest and whether the server accepts it (exit 2 if not)")
     p.add_argument("module", metavar="MODULE", help="a module .safetensors file, or a registry directory of them")
     p.set_defaults(func=cmd_inspect)

@@ -108,6 +108,20 @@ class BaselinesConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differentially private modules (aegmm only): each module is (epsilon, delta)-DP for its site's images."""
+
+    epsilon: float = 0.0  # the whole module's budget; 0 = off (no guarantee)
+    # embedding: one noisy random-feature embedding, then the decoder fits it (DP-MERF) | dp-sgd: DP-SGD autoencoder
+    method: str = "embedding"
+    delta: float = 1e-5  # must lie below 1 / (images of the smallest module)
+    max_grad_norm: float = 1.0  # DP-SGD: per-image gradient clipping norm (L2)
+
+
+NO_PRIVACY = PrivacyConfig()
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -116,6 +130,7 @@ class Config:
     classifier: ClassifierConfig = ClassifierConfig()
     reference: ReferenceConfig = ReferenceConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 CHOICES = {
@@ -126,6 +141,7 @@ CHOICES = {
     ("synthesis", "local_synthetic"): ("missing", "all"),
     ("classifier", "norm"): ("batch", "group"),
     ("baselines", "weighting"): ("samples", "uniform"),
+    ("privacy", "method"): ("embedding", "dp-sgd"),
 }
 AUGMENTATIONS = ("flip", "crop", "blur", "noise")  # classifier.augment joins any of these with "+"
 POSITIVE = {
@@ -219,6 +235,7 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"classifier.weight_decay={cfg.classifier.weight_decay}: must be >= 0")
     if not 0 <= cfg.classifier.label_smoothing < 1:
         raise ConfigError(f"classifier.label_smoothing={cfg.classifier.label_smoothing}: must lie in [0, 1)")
+    _validate_privacy(cfg)
     b = cfg.baselines
     if b.lr <= 0:
         raise ConfigError(f"baselines.lr={b.lr}: the learning rate must be > 0")
@@ -232,6 +249,28 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"baselines.clients_per_round={b.clients_per_round}: valid values are 0 (all) to "
                           f"data.num_clients={cfg.data.num_clients}")
     return cfg
+
+
+def _validate_privacy(cfg: Config) -> None:
+    p, g = cfg.privacy, cfg.generator
+    if p.epsilon < 0:
+        raise ConfigError(f"privacy.epsilon={p.epsilon}: must be >= 0 (0 turns differential privacy off)")
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta={p.delta}: must lie in (0, 1), below 1 / (images per module)")
+    if p.max_grad_norm <= 0:
+        raise ConfigError(f"privacy.max_grad_norm={p.max_grad_norm}: the clipping norm must be > 0")
+    if p.epsilon == 0:
+        return
+    if g.family != "aegmm":
+        raise ConfigError(f"privacy.epsilon is only supported for aegmm (generator.family={g.family!r}); set "
+                          "generator.family=aegmm or privacy.epsilon=0")
+    # Each of these fits something more to the images than the private autoencoder and latent model.
+    if g.adversarial > 0 and g.adversarial_start < 1:
+        raise ConfigError(f"generator.adversarial={g.adversarial} with privacy.epsilon={p.epsilon}: the patch critic "
+                          "is trained on the images without noise; set generator.adversarial=0")
+    if g.residual_rank > 0:
+        raise ConfigError(f"generator.residual_rank={g.residual_rank} with privacy.epsilon={p.epsilon}: the residual "
+                          "model is fitted to the images without noise; set generator.residual_rank=0")
 
 
 def apply(cfg: Config, values: dict[str, object]) -> Config:

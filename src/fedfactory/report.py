@@ -57,6 +57,7 @@ class RunFiles:
     metrics: dict | None = None
     comparison: dict | None = None
     unlearning: dict | None = None
+    audit: dict | None = None
     module_paths: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -99,6 +100,7 @@ def read_run(run_dir: Path) -> RunFiles:
         run.notes.append("no results yet: the run stopped before evaluation (resume it with the same command)")
     run.comparison = read_json(run_dir / "comparison.json", run.notes, required=False)
     run.unlearning = read_json(run_dir / "unlearning.json", run.notes, required=False)
+    run.audit = read_json(run_dir / "audit.json", run.notes, required=False)
     run.module_paths = sorted((run_dir / "modules").glob("*.safetensors"))
     if not run.module_paths:
         run.notes.append("no modules in modules/")
@@ -456,6 +458,46 @@ def section_unlearning(run: RunFiles) -> str:
     return "".join(out) + "</section>"
 
 
+def guarantee_text(privacy: dict | None) -> str:
+    return "none" if not privacy else f"({fmt(privacy['epsilon'], 3)}, {fmt(privacy['delta'], 2)})-DP"
+
+
+def section_privacy(run: RunFiles) -> str:
+    """Each module's DP guarantee (metrics.json) and the audit's measurements (audit.json, if audited)."""
+    guarantees = (run.metrics or {}).get("privacy")
+    if run.audit is None and not guarantees:
+        return ""
+    out = ["<section><h2>Privacy</h2>"]
+    if guarantees:
+        private = [g for g in guarantees.values() if g]
+        if private:
+            out.append(f"<p>{len(private)} of {len(guarantees)} modules are differentially private for their "
+                       f"site's images, the weakest at <b>{guarantee_text(max(private, key=lambda g: g['epsilon']))}"
+                       f"</b> ({esc(private[0]['accountant'])}).</p>")
+            out.append("<p>Mechanisms of each: " + "; ".join(esc(m) for m in private[0]["mechanisms"]) + ".</p>")
+        else:
+            out.append(note("No module carries a differential-privacy guarantee (privacy.epsilon = 0)."))
+    a = run.audit
+    if a is None:
+        out.append(note("Not audited: `fedfactory audit RUN_DIR` measures memorization and membership inference."))
+        return "".join(out) + "</section>"
+    out.append(f'<p>Audit ({esc(a.get("non_members", ""))} as non-members): membership-inference AUC at most '
+               f'<b>{fmt(a["mia_auc_max"], 3)}</b> (0.5 is chance), near-copy fraction at most '
+               f'<b>{fmt(a["copy_fraction_max"], 4)}</b> (nearest training image closer than '
+               f'{fmt(a.get("near_copy_ratio"), 3)} of the nearest held-out one).</p>')
+    rows = []
+    for r in a["modules"]:
+        lo, hi = r["mia_auc_interval"]
+        white = f' (white box {fmt(r["mia_auc_white_box"], 3)})' if "mia_auc_white_box" in r else ""
+        guarantee = (guarantees or {}).get(r["module_id"]) or r.get("privacy")
+        rows.append([esc(r["module_id"]), esc(guarantee_text(guarantee)),
+                     f"{fmt(r['mia_auc'], 3)} [{fmt(lo, 3)}, {fmt(hi, 3)}]{white}", fmt(r["copy_fraction"], 4),
+                     fmt(r["ratio_quantiles"]["0.5"], 3)])
+    out.append(table(["module", "guarantee", "MIA AUC [95% bootstrap]", "near-copy fraction", "median ratio"],
+                     rows, "num"))
+    return "".join(out) + "</section>"
+
+
 def section_costs(run: RunFiles) -> str:
     m = run.metrics
     out, row = ["<section><h2>Costs</h2>"], []
@@ -564,6 +606,7 @@ def render_report(run_dir: Path, show_real: bool = False, device: torch.device |
         guarded("Partition", section_partition, run),
         guarded("Comparison", section_comparison, run),
         guarded("Unlearning certificate", section_unlearning, run),
+        guarded("Privacy", section_privacy, run),
         guarded("Costs", section_costs, run),
         section_config(run),
     ]

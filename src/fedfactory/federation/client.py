@@ -5,11 +5,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from fedfactory.config import Config, GeneratorConfig
+from fedfactory.config import NO_PRIVACY, Config, GeneratorConfig, PrivacyConfig
 from fedfactory.data.datasets import ImageDataset
 from fedfactory.data.partition import implied_cells
 from fedfactory.generative.artifact import module_id
-from fedfactory.generative.train import train_module
+from fedfactory.generative.train import module_privacy_plan, train_module
 from fedfactory.registry import Module
 from fedfactory.seeding import derive_seed
 
@@ -21,12 +21,13 @@ def held_classes(data: ImageDataset, min_samples: int = 1) -> dict[int, int]:
 
 
 def train_client_module(data: ImageDataset, client_id: int, class_id: int, cfg: GeneratorConfig, root_seed: int,
-                        device: torch.device, progress: bool = True) -> Module:
-    """Train the module G_{k,c} on the client's images of class c."""
+                        device: torch.device, progress: bool = True,
+                        privacy: PrivacyConfig = NO_PRIVACY) -> Module:
+    """Train the module G_{k,c} on the client's images of class c (differentially private if privacy asks)."""
     images = data.images[data.labels == class_id]
     mid = module_id(client_id, class_id)
     seed = derive_seed(root_seed, "train", client_id, class_id)
-    tensors, fields = train_module(images, cfg, seed, device, desc=mid, progress=progress)
+    tensors, fields = train_module(images, cfg, seed, device, desc=mid, progress=progress, privacy=privacy)
     manifest = {"module_id": mid, "client_id": client_id, "class_id": class_id,
                 "class_name": data.class_names[class_id], "num_samples": int(len(images))} | fields
     return Module(manifest, tensors)
@@ -35,7 +36,11 @@ def train_client_module(data: ImageDataset, client_id: int, class_id: int, cfg: 
 def train_client_modules(data: ImageDataset, client_id: int, cfg: Config, device: torch.device,
                          skip: Callable[[str], bool] = lambda mid: False) -> Iterator[Module]:
     """Train G_{k,c} for each class c the client holds generator.min_samples images of, unless skip(module id)."""
-    for c in held_classes(data, cfg.generator.min_samples):
+    held = held_classes(data, cfg.generator.min_samples)
+    # Every module's budget is checked before the first one trains, so a refusal wastes no training.
+    for c, n in held.items():
+        module_privacy_plan(cfg.generator, cfg.privacy, n, module_id(client_id, c))
+    for c in held:
         if not skip(module_id(client_id, c)):
             yield train_client_module(data, client_id, c, cfg.generator, cfg.run.seed, device,
-                                      progress=cfg.run.progress)
+                                      progress=cfg.run.progress, privacy=cfg.privacy)

@@ -22,7 +22,8 @@ def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
     t, g = manifest["training"], cfg.generator
     seed = derive_seed(cfg.run.seed, "train", manifest["client_id"], manifest["class_id"])
     # The steps follow the module's image count when generator.steps_per_image is set (train.planned_steps).
-    asked = requested_training(g, manifest["num_samples"], seed) if manifest["family"] == g.family else {}
+    asked = (requested_training(g, manifest["num_samples"], seed, cfg.privacy) if manifest["family"] == g.family
+             else {})
     # .get: the artifact schema requires only steps and seed, so a module may lack the other training fields.
     if not asked or t.get("steps") != asked["steps"] or t.get("batch_size") != g.batch_size:
         return (f"trained as {manifest['family']} with {t.get('steps')} steps, batch {t.get('batch_size')}; "
@@ -33,6 +34,9 @@ def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
     if manifest["network"] != net:
         return f"network {manifest['network']}; the run asks {net}"
     differ = [f"{k}={t.get(k)} where the run asks {v}" for k, v in asked.items() if t.get(k) != v]
+    # A private module was not what a non-private run asked for either (the other direction is caught above).
+    differ += [f"{k}={t[k]} where the run asks no differential privacy" for k in sorted(t)
+               if k.startswith("dp_") and k not in asked]
     return f"trained with {', '.join(differ)}" if differ else None
 
 
@@ -127,6 +131,11 @@ def product_of_experts(log_probs: list[np.ndarray]) -> np.ndarray:
     total = np.sum(np.stack(log_probs), axis=0, dtype=np.float64)
     total -= total.max(axis=1, keepdims=True)
     return np.exp(total - np.log(np.exp(total).sum(axis=1, keepdims=True)))
+
+
+def module_guarantees(manifests: list[dict]) -> dict[str, dict | None]:
+    """metrics.json's privacy: each module's differential-privacy guarantee from its manifest, None if it has none."""
+    return {m["module_id"]: m.get("privacy") for m in sorted(manifests, key=lambda m: m["module_id"])}
 
 
 def bytes_per_client(manifests: list[dict], sizes: dict[str, int], receivers: list[int] | None = None) -> dict:

@@ -24,11 +24,13 @@ from fedfactory.federation.client import held_classes, train_client_modules
 from fedfactory.federation.factory import (
     bytes_per_client,
     local_training_set,
+    module_guarantees,
     product_of_experts,
     synthesize,
     trained_as_asked,
 )
 from fedfactory.generative.artifact import ModuleError, module_filename, save_module
+from fedfactory.generative.train import module_privacy_plan
 from fedfactory.metrics import evaluate, format_table
 from fedfactory.registry import Module, load_registry, load_registry_file
 from fedfactory.report import write_report, write_samples_png
@@ -66,6 +68,10 @@ def reusable_module(path: Path, cfg: Config) -> bool:
 def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path,
                       device: torch.device, timer: Timer) -> None:
     """Every client trains its modules; each is written atomically to the registry directory."""
+    # Every module's privacy budget is checked before the first module trains: a refusal wastes no training.
+    for k, rows in enumerate(parts):
+        for c, n in held_classes(train.subset(rows), cfg.generator.min_samples).items():
+            module_privacy_plan(cfg.generator, cfg.privacy, n, f"client {k} class {c}")
     for k, rows in enumerate(parts):
         client = train.subset(rows)
         enough = held_classes(client, cfg.generator.min_samples)
@@ -183,6 +189,7 @@ def server_stage(cfg: Config, modules: list[Module], class_names: tuple[str, ...
     metrics |= {
         "timings": timer.timings,
         "bytes": bytes_per_client([m for m, _ in modules], sizes),
+        "privacy": module_guarantees([m for m, _ in modules]),
         "synthesis_plan": plan,
         "modules": sorted(sizes),
         "missing_classes": [class_names[c] for c in range(num_classes) if c not in present],
@@ -249,6 +256,7 @@ def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], tra
         "mode": "local",
         "timings": timer.timings,
         "bytes": bytes_per_client([m for m, _ in modules], sizes, receivers=experts),
+        "privacy": module_guarantees([m for m, _ in modules]),
         "synthesis_plan": plans,
         "expert_accuracy": expert_accuracy,
         "experts": sorted(expert_accuracy, key=int),

@@ -17,10 +17,12 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from fedfactory.data.datasets import to_float, to_uint8
-from fedfactory.seeding import derive_seed
+from fedfactory.privacy.dp import clip_rows, noisy_moments
+from fedfactory.seeding import derive_seed, torch_generator
 
 
 def num_downsamples(size: int) -> int:
@@ -238,6 +240,108 @@ def fit_densities(ema: AutoEncoder, images: np.ndarray, mixture_components: int,
     fields = {"blur_sigma": measure_blur(images, reconstruct(0, min(len(images), 1000))),
               "mixture_size": int(mixture["mixture.means"].shape[0])}
     return tensors, fields
+
+
+# A private module cannot measure its blur on its images; it ships this fixed value instead: the blur non-private
+# Fashion-MNIST modules measured (0.75 to 1.0 pixels, mean 0.775: benchmarks/runs, classifier_input_blur), a
+# public design choice rather than a statistic of the site's images.
+PRIVATE_BLUR_SIGMA = 0.75
+
+
+def per_image_gradients(model: AutoEncoder, x: torch.Tensor, radius: float) -> tuple[dict[str, torch.Tensor],
+                                                                                      torch.Tensor]:
+    """Each image's gradient of its own L1 reconstruction loss, (B, *parameter shape) per parameter, and the losses.
+
+    The latent is clipped to norm radius inside the forward pass, so the decoder learns on latents that the
+    private latent model (clipped to the same radius) describes. torch.func's vmap over grad gives per-sample
+    gradients in one pass, as DP-SGD needs (Abadi et al. 2016).
+    """
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_of_one(p: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:  # image (C, H, W)
+        enc = {k.removeprefix("encoder."): v for k, v in p.items() if k.startswith("encoder.")}
+        dec = {k.removeprefix("decoder."): v for k, v in p.items() if k.startswith("decoder.")}
+        z = clip_rows(functional_call(model.encoder, enc, (image[None],)), radius)
+        return (functional_call(model.decoder, dec, (z,)) - image[None]).abs().mean()
+
+    grads = vmap(grad(loss_of_one), in_dims=(None, 0))(params, x)
+    with torch.no_grad():
+        losses = vmap(loss_of_one, in_dims=(None, 0))(params, x)
+    return grads, losses
+
+
+@torch.no_grad()
+def fit_private_densities(ema: AutoEncoder, images: np.ndarray, radius: float, noise_multiplier: float,
+                          seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The shipped tensors of a private module: the decoder (DP-SGD) and one Gaussian on the latents (noisy moments).
+
+    A mixture fitted by EM would touch the images once per iteration; a single Gaussian from two noisy moment
+    releases costs a fixed, small share of the budget. No residual model; the blur is PRIVATE_BLUR_SIGMA.
+    """
+    z = torch.cat([ema.encoder(torch.from_numpy(to_float(images[i:i + 1000]))) for i in range(0, len(images), 1000)])
+    mean, cov = noisy_moments(z, radius, noise_multiplier, torch_generator(seed, "latent-moments"))
+    tensors = {f"decoder.{k}": v.contiguous() for k, v in ema.decoder.state_dict().items()}
+    tensors |= {"mixture.log_weights": torch.zeros(1), "mixture.means": mean[None].float(),
+                "mixture.scale_tril": torch.linalg.cholesky(cov)[None].float().contiguous()}
+    return tensors, {"blur_sigma": PRIVATE_BLUR_SIGMA, "mixture_size": 1}
+
+
+RFF_FEATURES = 4096  # random frequencies; each gives a cosine and a sine feature
+RFF_SCALES = (0.25, 0.5, 1.0)  # Gaussian-kernel bandwidths, in units of sqrt(pixels): fixed, not fitted
+
+
+def random_frequencies(image_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Frequencies (C*H*W, RFF_FEATURES) of random Fourier features for a sum of Gaussian kernels (Rahimi and
+    Recht 2007), one block per bandwidth in RFF_SCALES x sqrt(pixels); drawn from the seed, never from data."""
+    dim = math.prod(image_shape)
+    gen = torch_generator(seed, "frequencies")
+    blocks = [torch.randn(dim, RFF_FEATURES // len(RFF_SCALES), generator=gen) / (s * math.sqrt(dim))
+              for s in RFF_SCALES]
+    return torch.cat(blocks, 1)
+
+
+def random_features(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """phi(x) (B, 2F) = [cos(x w), sin(x w)] / sqrt(F) for images x (B, C, H, W): every phi(x) has norm exactly 1."""
+    proj = x.flatten(1) @ frequencies
+    return torch.cat([proj.cos(), proj.sin()], 1) / math.sqrt(frequencies.shape[1])
+
+
+@torch.no_grad()
+def noisy_embedding(images: np.ndarray, frequencies: torch.Tensor, noise_multiplier: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    """The private mean embedding of the images (2F,): the sum of their features, whose norm one image changes by
+    at most 1, plus N(0, noise_multiplier^2 I), over the (public) count: one Gaussian mechanism (DP-MERF, Harder
+    et al. 2021, Eq. 6)."""
+    total = sum(random_features(torch.from_numpy(to_float(images[i:i + 1000])), frequencies).double().sum(0)
+                for i in range(0, len(images), 1000))
+    return ((total + noise_multiplier * torch.randn(total.shape, generator=generator, dtype=torch.float64))
+            / len(images)).float()
+
+
+def fit_embedding_decoder(decoder: nn.Module, embedding: torch.Tensor, frequencies: torch.Tensor, latent_dim: int,
+                          steps: int, batch_size: int, lr: float, lr_at, seed: int) -> float:
+    """Train the decoder so that decoded N(0, I) latents have the private embedding: minimise the squared
+    distance of mean embeddings, an MMD with the random-feature kernel (DP-MERF, Harder et al. 2021, Eq. 8).
+
+    It touches only the released embedding, never an image: post-processing, free of privacy cost.
+    """
+    gen = torch_generator(seed, "latents")
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        z = torch.randn(batch_size, latent_dim, generator=gen)
+        loss = (random_features(decoder(z), frequencies).mean(0) - embedding).pow(2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss.item())
+
+
+def standard_normal_latents(latent_dim: int) -> dict[str, torch.Tensor]:
+    """The latent model of a decoder trained on N(0, I) latents: one standard Gaussian, fixed without data."""
+    return {"mixture.log_weights": torch.zeros(1), "mixture.means": torch.zeros(1, latent_dim),
+            "mixture.scale_tril": torch.eye(latent_dim)[None].contiguous()}
 
 
 @torch.no_grad()

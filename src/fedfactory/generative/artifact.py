@@ -65,6 +65,11 @@ _MANIFEST_KEYS = frozenset(
         "library_version",
     }
 )
+# Present only in a differentially private module: its guarantee (DESIGN.md, module artifact).
+_OPTIONAL_KEYS = frozenset({"privacy"})
+_PRIVACY_KEYS = frozenset({"epsilon", "delta", "accountant", "mechanisms"})
+_MAX_MECHANISMS = 16
+_MAX_MECHANISM_CHARS = 300
 _RESAVE = "re-save the module with fedfactory.generative.artifact.save_module"
 _NOT_A_MODULE = "send the .safetensors file written by save_module"
 
@@ -202,6 +207,22 @@ def _check_config(value: object, key: str, source: str) -> None:
             )
 
 
+def _check_privacy(privacy: object, source: str) -> None:
+    """A private module's guarantee: {epsilon > 0, delta in (0, 1), accountant, mechanisms (short strings)}."""
+    if not isinstance(privacy, dict) or privacy.keys() != _PRIVACY_KEYS:
+        raise _refuse(source, f"manifest privacy must be an object with exactly {', '.join(sorted(_PRIVACY_KEYS))}")
+    eps, delta = privacy["epsilon"], privacy["delta"]
+    if type(eps) not in (int, float) or not math.isfinite(eps) or eps <= 0:
+        raise _refuse(source, f"privacy.epsilon must be a finite number > 0, got {_show(eps)}")
+    if type(delta) is not float or not 0 < delta < 1:
+        raise _refuse(source, f"privacy.delta must be a number in (0, 1), got {_show(delta)}")
+    texts = [privacy["accountant"]] + (privacy["mechanisms"] if isinstance(privacy["mechanisms"], list) else [None])
+    if len(texts) > _MAX_MECHANISMS + 1 or not all(
+            isinstance(t, str) and 1 <= len(t) <= _MAX_MECHANISM_CHARS and t.isprintable() for t in texts):
+        raise _refuse(source, f"privacy.accountant and privacy.mechanisms must be printable strings of at most "
+                      f"{_MAX_MECHANISM_CHARS} characters, at most {_MAX_MECHANISMS} mechanisms")
+
+
 def _check_manifest(manifest: object, source: str) -> None:
     """Refuse a manifest that breaks the schema (exact keys, types and ranges) or its own hash."""
     if not isinstance(manifest, dict):
@@ -215,7 +236,7 @@ def _check_manifest(manifest: object, source: str) -> None:
             f"retrain the module with fedfactory {__version__} (a run directory retrains it when rerun)",
         )
     missing = sorted(_MANIFEST_KEYS - manifest.keys())
-    unknown = sorted(manifest.keys() - _MANIFEST_KEYS)
+    unknown = sorted(manifest.keys() - _MANIFEST_KEYS - _OPTIONAL_KEYS)
     if missing:
         raise _refuse(source, f"manifest lacks {', '.join(missing)}")
     if unknown:
@@ -263,6 +284,8 @@ def _check_manifest(manifest: object, source: str) -> None:
         raise _refuse(source, f"training.steps must be an int >= 1, got {_show(training.get('steps'))}")
     if not _is_int(training.get("seed")) or training["seed"] < 0:
         raise _refuse(source, f"training.seed must be an int >= 0, got {_show(training.get('seed'))}")
+    if "privacy" in m:
+        _check_privacy(m["privacy"], source)
     for key in ("weights_sha256", "manifest_sha256"):
         if not isinstance(m[key], str) or not _SHA256_RE.fullmatch(m[key]):
             raise _refuse(source, f"{key} must be 64 lowercase hex digits, got {_show(m[key])}")

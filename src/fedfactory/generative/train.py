@@ -14,20 +14,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedfactory.config import GeneratorConfig
+from fedfactory.config import NO_PRIVACY, GeneratorConfig, PrivacyConfig
 from fedfactory.data.datasets import to_float, to_uint8
 from fedfactory.errors import FedFactoryError
 from fedfactory.generative.aegmm import (
     BLUR_GRID,
+    PRIVATE_BLUR_SIGMA,
+    RFF_FEATURES,
     AutoEncoder,
     PatchDiscriminator,
     autoencoder_loss,
     decode_samples,
     discriminator_loss,
     fit_densities,
+    fit_embedding_decoder,
+    fit_private_densities,
+    noisy_embedding,
+    per_image_gradients,
+    random_frequencies,
+    standard_normal_latents,
 )
 from fedfactory.generative.edm import EDMParams, edm_loss, heun_sample
 from fedfactory.generative.unet import UNet
+from fedfactory.privacy.dp import PrivacyPlan, latent_radius, noisy_gradient, plan_privacy, poisson_batch
 from fedfactory.seeding import derive_seed, torch_generator
 
 
@@ -94,13 +103,60 @@ def planned_steps(cfg: GeneratorConfig, num_images: int) -> int:
     return min(cfg.steps, max(MIN_STEPS, math.ceil(num_images * cfg.steps_per_image)))
 
 
-def requested_training(cfg: GeneratorConfig, num_images: int, seed: int) -> dict:
+def requested_training(cfg: GeneratorConfig, num_images: int, seed: int,
+                       privacy: PrivacyConfig = NO_PRIVACY) -> dict:
     """The manifest's training fields that a config and a class size fix: a module whose manifest disagrees
-    with these was not trained as asked."""
+    with these was not trained as asked (a non-private module is never what a private run asked for)."""
     fields = {"steps": planned_steps(cfg, num_images), "seed": seed, "batch_size": cfg.batch_size, "lr": cfg.lr}
     if adversarial(cfg):
         fields |= {"adversarial": cfg.adversarial, "adversarial_start": cfg.adversarial_start}
+    if privacy.epsilon > 0:
+        fields |= {"dp_epsilon": privacy.epsilon, "dp_delta": privacy.delta, "dp_method": privacy.method}
+        if privacy.method == "dp-sgd":
+            fields["dp_max_grad_norm"] = privacy.max_grad_norm
     return fields
+
+
+def module_privacy_plan(cfg: GeneratorConfig, privacy: PrivacyConfig, num_images: int,
+                        desc: str = "module") -> PrivacyPlan | None:
+    """The DP mechanisms of a module of num_images images, or None without privacy; refuses a budget the
+    requested steps cannot meet (call it for every module before training any)."""
+    if privacy.epsilon <= 0:
+        return None
+    return plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images, cfg.batch_size,
+                        planned_steps(cfg, num_images), desc, privacy.method)
+
+
+EMBEDDING_BATCH = 128  # decoded latents per step: enough for their mean embedding to be a fair estimate
+
+
+def train_embedding_module(images: np.ndarray, cfg: GeneratorConfig, plan: PrivacyPlan,
+                           seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """A private aegmm module by DP-MERF (Harder et al. 2021): release one noisy mean embedding of the images,
+    then train the decoder on standard-normal latents to match it. Only the first line reads the images."""
+    image_shape = (images.shape[3], images.shape[1], images.shape[2])
+    frequencies = random_frequencies(image_shape, derive_seed(seed, "features"))
+    embedding = noisy_embedding(images, frequencies, plan.noise_multiplier, torch_generator(seed, "dp-noise"))
+    model = build_network("aegmm", image_shape, network_config(cfg, image_shape))
+    fit_embedding_decoder(model.decoder, embedding, frequencies, cfg.latent_dim, plan.steps, EMBEDDING_BATCH,
+                          cfg.lr, lr_at, seed)
+    tensors = {f"decoder.{k}": v.detach().contiguous() for k, v in model.decoder.state_dict().items()}
+    return tensors | standard_normal_latents(cfg.latent_dim), {"blur_sigma": PRIVATE_BLUR_SIGMA, "mixture_size": 1}
+
+
+def private_step(model: torch.nn.Module, x: torch.Tensor, plan: PrivacyPlan, radius: float,
+                 noise: torch.Generator) -> torch.Tensor:
+    """Set the parameters' .grad to DP-SGD's noisy gradient for the Poisson batch x; returns its mean loss."""
+    expected_batch = plan.sampling_rate * plan.num_images
+    if len(x):
+        per_image, losses = per_image_gradients(model, x, radius)
+    else:  # an empty Poisson draw still takes a (pure-noise) step, as the accountant counts it
+        per_image = {k: torch.zeros((0, *v.shape), device=v.device) for k, v in model.named_parameters()}
+        losses = torch.zeros(1)
+    grads = noisy_gradient(per_image, plan.max_grad_norm, plan.noise_multiplier, expected_batch, noise)
+    for name, p in model.named_parameters():
+        p.grad = grads[name]
+    return losses.mean()
 
 
 def lr_at(step: int, steps: int, base: float, warmup: int = 100) -> float:
@@ -119,16 +175,32 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int) -> None:
 
 
 def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: torch.device,
-                 desc: str = "module", progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train one module from scratch on uint8 images (N, H, W, C); returns (tensors, manifest fields)."""
+                 desc: str = "module", progress: bool = True,
+                 privacy: PrivacyConfig = NO_PRIVACY) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train one module from scratch on uint8 images (N, H, W, C); returns (tensors, manifest fields).
+
+    With privacy.epsilon > 0 (aegmm only) the whole module is (epsilon, delta)-DP for these images: DP-SGD with
+    Poisson sampling for the autoencoder, noisy moments for a one-Gaussian latent model (privacy/dp.py).
+    """
     if len(images) == 0:
         raise ValueError(f"{desc}: no images to train on")
+    # Before anything is trained: a budget the steps cannot meet is refused here.
+    plan = module_privacy_plan(cfg, privacy, len(images), desc)
+    if plan is not None and cfg.family != "aegmm":
+        raise ValueError(f"{desc}: privacy.epsilon is only supported for aegmm")
     image_shape = (images.shape[3], images.shape[1], images.shape[2])
     net_cfg = network_config(cfg, image_shape)
     gen = torch_generator(seed)
+    noise_gen = torch_generator(seed, "dp-noise")
+    radius = latent_radius(cfg.latent_dim)
     torch.manual_seed(derive_seed(seed, "init"))  # parameter init is the only use of the global generator
-    training = requested_training(cfg, len(images), seed)
+    training = requested_training(cfg, len(images), seed, privacy)
     steps = training["steps"]
+    if plan is not None and plan.method == "embedding":
+        tensors, fields = train_embedding_module(images, cfg, plan, seed)
+        return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
+                         "diffusion": {}, "training": training | fields,
+                         "privacy": plan.manifest(radius, fields["blur_sigma"], 2 * RFF_FEATURES)}
     model = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema.load_state_dict(model.state_dict())
@@ -144,22 +216,29 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
-        # Draw a batch (with replacement, so tiny classes still give full batches).
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        # Draw a batch: with replacement, so tiny classes still give full batches; a Poisson sample under DP.
+        if plan is None:
+            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        else:
+            idx = poisson_batch(len(data), plan.sampling_rate, gen)
         x = torch.from_numpy(to_float(data[idx].numpy())).to(device)
         lr = lr_at(step, steps, cfg.lr)
         for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
             group["lr"] = lr
         # Loss: L1 reconstruction (+ the adversarial term once the autoencoder has a shape to refine) for the
-        # autoencoder, Eq. 8 of EDM for diffusion.
+        # autoencoder, Eq. 8 of EDM for diffusion; under DP-SGD the gradient is set by private_step instead.
         critic = disc if disc is not None and step >= adversarial_from else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            if cfg.family == "aegmm":
-                loss, fakes = autoencoder_loss(model, x, critic, cfg.adversarial, gen)
-            else:
-                loss = edm_loss(model, x, params, generator=gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if plan is not None:
+            # DP-SGD: clipped per-image gradients plus Gaussian noise (Abadi et al. 2016, Alg. 1).
+            loss = private_step(model, x, plan, radius, noise_gen)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if cfg.family == "aegmm":
+                    loss, fakes = autoencoder_loss(model, x, critic, cfg.adversarial, gen)
+                else:
+                    loss = edm_loss(model, x, params, generator=gen)
+            loss.backward()
         opt.step()
         update_ema(ema, model, step)
         if critic is not None:
@@ -176,6 +255,13 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         raise GeneratorTrainingError(f"{desc}: the training loss is {loss.item()}; lower generator.lr or check the "
                                      "training images")
     ema = ema.cpu().eval()
+    if plan is not None:
+        # The loss of a batch of real images would be a statistic outside the guarantee: not recorded.
+        tensors, fields = fit_private_densities(ema, images, radius, plan.statistics_noise_multiplier,
+                                                derive_seed(seed, "latent"))
+        return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
+                         "diffusion": {}, "training": training | fields,
+                         "privacy": plan.manifest(radius, fields["blur_sigma"])}
     training["final_loss"] = float(loss.item())
     if cfg.family == "aegmm":
         tensors, fields = fit_densities(ema, images, cfg.mixture_components, cfg.residual_rank, seed)
