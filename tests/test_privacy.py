@@ -12,6 +12,7 @@ from fedfactory.config import ConfigError, load_config
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import trained_as_asked
 from fedfactory.federation.runner import run
+from fedfactory.federation.unlearning import unlearn
 from fedfactory.generative.aegmm import PRIVATE_BLUR_SIGMA
 from fedfactory.generative.artifact import ModuleError, module_to_bytes
 from fedfactory.generative.train import train_module
@@ -229,3 +230,24 @@ def test_edm_modules_also_get_the_white_box_denoising_attack():
     result = audit_module(Module(manifest, tensors), members, non_members, 0, num_synthetic=50, resamples=20)
     assert 0 <= result["mia_auc_white_box"] <= 1 and len(result["mia_auc_white_box_interval"]) == 2
     assert result["privacy"] is None
+
+
+def test_private_noise_is_secret_so_the_seed_cannot_regenerate_it():
+    # The run seed is in the run config every party holds: noise seeded from it could be regenerated and
+    # subtracted. Two trainings with the same seed must therefore differ; a plain module is bit-reproducible.
+    train, _ = load_dataset("digits", image_size=8)
+    images = train.images[train.labels == 3]
+    cfg = load_config("tiny", ["privacy.epsilon=8"])
+    first, second = (train_module(images, cfg.generator, 7, torch.device("cpu"), progress=False,
+                                  privacy=cfg.privacy)[0] for _ in range(2))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    plain = [train_module(images, cfg.generator, 7, torch.device("cpu"), progress=False)[0] for _ in range(2)]
+    assert all(torch.equal(plain[0][k], plain[1][k]) for k in plain[0])
+
+
+def test_unlearning_a_private_run_verifies_from_the_kept_modules(private_run, tmp_path):
+    _, _, out = private_run
+    cert = unlearn(out, clients=(2,), out=tmp_path / "u", verify=True)
+    assert cert["verified"], cert["verification"]["summary"]
+    assert "private modules" in cert["verification"]["summary"]
+    assert not list((tmp_path / "u" / "modules").glob("client-002_*"))

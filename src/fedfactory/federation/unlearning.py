@@ -289,7 +289,14 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
         (tmp / "modules").mkdir()
         # Train every remaining (client, class) module with its own seed, as the original run did.
         trained, module_mismatches, module_difference = set(), [], None
-        for k, rows in enumerate(parts):
+        # Private modules draw their noise from OS entropy (privacy/dp.py: secret_generator), so no retraining
+        # gives their bits back: the check then starts from the kept modules and covers everything downstream.
+        private = cfg.privacy.epsilon > 0
+        if private:
+            for path in sorted((unlearned_dir / "modules").glob("*.safetensors")):
+                shutil.copyfile(path, tmp / "modules" / path.name)
+            trained = set(expected)
+        for k, rows in enumerate([] if private else parts):
             for manifest, tensors in train_client_modules(train.subset(rows), k, cfg, device):
                 full = save_module(tmp / "modules" / module_filename(manifest["module_id"]), tensors, manifest)
                 mid = full["module_id"]
@@ -313,6 +320,8 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
                if verified else
                f"modules differing: {module_mismatches[:5]}, not retrained: {missing[:5]}, "
                f"first classifier difference: {difference}, metrics differing: {differing_metrics[:5]}")
+    if private:
+        summary += " (private modules: kept as they are, not retrained, since their noise is secret by design)"
     if module_mismatches:
         # CPU kernels split reductions by thread, so bits match only at the thread count that trained the modules.
         summary += (f" (retrained with {torch.get_num_threads()} torch threads on {device}; modules are "

@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from fedfactory.data.datasets import to_float, to_uint8
-from fedfactory.privacy.dp import clip_rows, noisy_moments
+from fedfactory.privacy.dp import clip_rows, noisy_moments, secret_generator
 from fedfactory.seeding import derive_seed, torch_generator
 
 
@@ -271,15 +271,15 @@ def per_image_gradients(model: AutoEncoder, x: torch.Tensor, radius: float) -> t
 
 
 @torch.no_grad()
-def fit_private_densities(ema: AutoEncoder, images: np.ndarray, radius: float, noise_multiplier: float,
-                          seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+def fit_private_densities(ema: AutoEncoder, images: np.ndarray, radius: float,
+                          noise_multiplier: float) -> tuple[dict[str, torch.Tensor], dict]:
     """The shipped tensors of a private module: the decoder (DP-SGD) and one Gaussian on the latents (noisy moments).
 
     A mixture fitted by EM would touch the images once per iteration; a single Gaussian from two noisy moment
     releases costs a fixed, small share of the budget. No residual model; the blur is PRIVATE_BLUR_SIGMA.
     """
     z = torch.cat([ema.encoder(torch.from_numpy(to_float(images[i:i + 1000]))) for i in range(0, len(images), 1000)])
-    mean, cov = noisy_moments(z, radius, noise_multiplier, torch_generator(seed, "latent-moments"))
+    mean, cov = noisy_moments(z, radius, noise_multiplier, secret_generator())
     tensors = {f"decoder.{k}": v.contiguous() for k, v in ema.decoder.state_dict().items()}
     tensors |= {"mixture.log_weights": torch.zeros(1), "mixture.means": mean[None].float(),
                 "mixture.scale_tril": torch.linalg.cholesky(cov)[None].float().contiguous()}

@@ -36,7 +36,14 @@ from fedfactory.generative.aegmm import (
 )
 from fedfactory.generative.edm import EDMParams, edm_loss, heun_sample
 from fedfactory.generative.unet import UNet
-from fedfactory.privacy.dp import PrivacyPlan, latent_radius, noisy_gradient, plan_privacy, poisson_batch
+from fedfactory.privacy.dp import (
+    PrivacyPlan,
+    latent_radius,
+    noisy_gradient,
+    plan_privacy,
+    poisson_batch,
+    secret_generator,
+)
 from fedfactory.seeding import derive_seed, torch_generator
 
 
@@ -136,7 +143,7 @@ def train_embedding_module(images: np.ndarray, cfg: GeneratorConfig, plan: Priva
     then train the decoder on standard-normal latents to match it. Only the first line reads the images."""
     image_shape = (images.shape[3], images.shape[1], images.shape[2])
     frequencies = random_frequencies(image_shape, derive_seed(seed, "features"))
-    embedding = noisy_embedding(images, frequencies, plan.noise_multiplier, torch_generator(seed, "dp-noise"))
+    embedding = noisy_embedding(images, frequencies, plan.noise_multiplier, secret_generator())
     model = build_network("aegmm", image_shape, network_config(cfg, image_shape))
     fit_embedding_decoder(model.decoder, embedding, frequencies, cfg.latent_dim, plan.steps, EMBEDDING_BATCH,
                           cfg.lr, lr_at, seed)
@@ -191,7 +198,9 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     image_shape = (images.shape[3], images.shape[1], images.shape[2])
     net_cfg = network_config(cfg, image_shape)
     gen = torch_generator(seed)
-    noise_gen = torch_generator(seed, "dp-noise")
+    # Under DP the noise and the Poisson sample come from OS entropy (privacy/dp.py: secret_generator).
+    noise_gen = secret_generator() if plan is not None else None
+    sample_gen = secret_generator() if plan is not None else None
     radius = latent_radius(cfg.latent_dim)
     torch.manual_seed(derive_seed(seed, "init"))  # parameter init is the only use of the global generator
     training = requested_training(cfg, len(images), seed, privacy)
@@ -220,7 +229,7 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         if plan is None:
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         else:
-            idx = poisson_batch(len(data), plan.sampling_rate, gen)
+            idx = poisson_batch(len(data), plan.sampling_rate, sample_gen)
         x = torch.from_numpy(to_float(data[idx].numpy())).to(device)
         lr = lr_at(step, steps, cfg.lr)
         for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
@@ -257,8 +266,7 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     ema = ema.cpu().eval()
     if plan is not None:
         # The loss of a batch of real images would be a statistic outside the guarantee: not recorded.
-        tensors, fields = fit_private_densities(ema, images, radius, plan.statistics_noise_multiplier,
-                                                derive_seed(seed, "latent"))
+        tensors, fields = fit_private_densities(ema, images, radius, plan.statistics_noise_multiplier)
         return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
                          "diffusion": {}, "training": training | fields,
                          "privacy": plan.manifest(radius, fields["blur_sigma"])}

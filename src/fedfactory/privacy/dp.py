@@ -16,6 +16,7 @@ accountant takes the dataset size as given), and the README says so.
 
 import functools
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,18 @@ def max_steps(epsilon: float, delta: float, sampling_rate: float, extra_rdp) -> 
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
+
+
+def secret_generator() -> torch.Generator:
+    """A generator for every random draw a DP guarantee rests on (the noise, and DP-SGD's Poisson sample), seeded
+    from OS entropy, never from the run seed.
+
+    Every other seed here derives from run.seed, which the run config shares with the server and every site:
+    noise seeded that way could be regenerated and subtracted, and the guarantee would be void. The price: a
+    private module is not bit-reproducible, so exact unlearning's --verify reuses the kept private modules
+    instead of retraining them (federation/unlearning.py).
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def poisson_batch(num_images: int, sampling_rate: float, generator: torch.Generator) -> torch.Tensor:
