@@ -48,6 +48,7 @@ from fedfactory.flower.server_app import (  # noqa: E402
 )
 from fedfactory.flower.wire import CLIENT, COUNTS, MODULES, counts_content, task_content  # noqa: E402
 from fedfactory.metrics import MAX_TEST_IMAGES, evaluate, score_counts  # noqa: E402
+from fedfactory.privacy.audit import AuditError, audit_run  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -420,3 +421,21 @@ def test_unlearning_a_site_equals_a_federation_that_never_had_it(sites, tmp_path
     serve_in_process(sites, tmp_path / "two", monkeypatch, names=("site-a", "site-c"))
     assert (tmp_path / "unlearned" / "classifier.safetensors").read_bytes() == \
         (tmp_path / "two" / "classifier.safetensors").read_bytes()
+
+
+def test_a_site_audits_its_own_modules_against_its_own_folder(sites, tmp_path, monkeypatch):
+    serve_in_process(sites, tmp_path / "run", monkeypatch)
+    run_dir = tmp_path / "run"
+    # The server holds no images, so a deployment's run is audited at each site, against that site's folder.
+    with pytest.raises(AuditError, match="--site"):
+        audit_run(run_dir, num_synthetic=100, max_candidates=20, resamples=10)
+    doc = audit_run(run_dir, num_synthetic=100, max_candidates=20, resamples=10, site="site-b",
+                    data_root=sites / "site-b")
+    assert sorted(r["module_id"] for r in doc["modules"]) == [f"site-b_class-00{c}" for c in SITES["site-b"]]
+    assert "site-b" in doc["non_members"] and (run_dir / "audit-site-b.json").exists()
+    assert not (run_dir / "audit.json").exists()
+    with pytest.raises(AuditError, match="no module of site"):
+        audit_run(run_dir, site="site-x", data_root=sites / "site-b")
+    shutil.copytree(sites / "site-b" / "train", tmp_path / "no-test" / "train")
+    with pytest.raises(AuditError, match="test/ folder"):
+        audit_run(run_dir, site="site-b", data_root=tmp_path / "no-test")

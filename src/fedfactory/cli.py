@@ -73,8 +73,9 @@ def cmd_audit(args) -> int:
     from fedfactory.privacy.audit import audit_run, summary_line
 
     doc = audit_run(args.run_dir, num_synthetic=args.synthetic, max_candidates=args.candidates,
-                    figure=args.figure, device=select_device(args.device))
-    print(f"{summary_line(doc)}; written to {Path(args.run_dir) / 'audit.json'}")
+                    figure=args.figure, device=select_device(args.device), site=args.site, data_root=args.data_root)
+    name = "audit.json" if args.site is None else f"audit-{args.site}.json"
+    print(f"{summary_line(doc)}; written to {Path(args.run_dir) / name}")
     return 0
 
 
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure", action="store_true", help="also write RUN_DIR/audit-closest.png, the synthetic "
                    "samples closest to training images (shows real images: only for whoever may see the site's data)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="device for sampling")
+    p.add_argument("--site", help="a deployment: audit this site's modules, at the site (needs --data-root)")
+    p.add_argument("--data-root", help="the site's image folder (train/<class>/, test/<class>/)")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("inspect", help="print a module's manifest and whether the server accepts it (exit 2 if not)")
     p.add_argument("module", metavar="MODULE", help="a module .safetensors file, or a registry directory of them")

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from fedfactory.config import load_config
-from fedfactory.data.datasets import load_data, to_float
+from fedfactory.config import class_list, load_config
+from fedfactory.data.datasets import load_data, read_class_folders, to_float
 from fedfactory.errors import FedFactoryError
 from fedfactory.generative.edm import EDMParams, denoise
 from fedfactory.generative.train import build_network, sample_module
@@ -182,26 +182,81 @@ def module_data(run_dir: Path) -> tuple[dict, list[np.ndarray], object, object]:
     return cfg, parts, train, test
 
 
-def audit_run(run_dir: str | Path, num_synthetic: int = 2000, max_candidates: int = 1000, resamples: int = 200,
-              figure: bool = False, device: torch.device | None = None) -> dict:
-    """Audit every module of a run; writes RUN_DIR/audit.json (and audit-closest.png if figure) atomically."""
-    run_dir = Path(run_dir)
+Case = tuple[Module, np.ndarray, np.ndarray]  # a module, its members, its non-members
+
+
+def simulation_cases(run_dir: Path, modules: list[Module]) -> tuple[object, list[Case]]:
+    """(cfg, [(module, members, non-members)]) of a simulation run: members from partition.json's rows, non-members
+    the class's test images (an audit, not a design choice, so reading the test set here is allowed)."""
+    sites = sorted({str(m.manifest["client_id"]) for m in modules if not isinstance(m.manifest["client_id"], int)})
+    if sites:
+        raise AuditError(f"{run_dir} is a deployment's run (sites {sites}): the server holds no images, so each site "
+                         "audits its own modules with --site NAME --data-root FOLDER")
     cfg, parts, train, test = module_data(run_dir)
+    cases = []
+    for module in modules:
+        k, c = module.manifest["client_id"], module.manifest["class_id"]
+        if not isinstance(k, int) or k >= len(parts):
+            raise AuditError(f"module {module.manifest['module_id']}: partition.json has no client {k}; a "
+                             "deployment's run is audited at each site with --site and --data-root")
+        rows = parts[k][train.labels[parts[k]] == c]
+        cases.append((module, train.images[rows], test.images[test.labels == c]))
+    return cfg, cases
+
+
+def site_cases(run_dir: Path, modules: list[Module], site: str, data_root: Path) -> tuple[object, list[Case]]:
+    """(cfg, [(module, members, non-members)]) of one site of a deployment, audited at that site: members are its
+    own training images of the module's class, non-members its own test/ images of that class."""
+    if not (run_dir / "config.toml").exists():
+        raise AuditError(f"{run_dir} has no config.toml: not a run directory")
+    cfg = load_config(str(run_dir / "config.toml"))
+    mine = [m for m in modules if m.manifest["client_id"] == site]
+    if not mine:
+        raise AuditError(f"{run_dir}/modules holds no module of site {site!r}; the sites there are "
+                         f"{sorted({str(m.manifest['client_id']) for m in modules})}")
+    if not cfg.data.classes:
+        raise AuditError(f"{run_dir}/config.toml names no data.classes: a site audit needs the deployment's class list")
+    names = class_list(cfg.data.classes)
+    train = read_class_folders(data_root / "train", names, cfg.data.image_size)
+    if not (data_root / "test").is_dir():
+        raise AuditError(f"{data_root} has no test/ folder: the audit's non-members are the site's own held-out "
+                         "images of each class (test/<class>/*.png)")
+    test = read_class_folders(data_root / "test", names, cfg.data.image_size)
+    return cfg, [(m, train.images[train.labels == m.manifest["class_id"]],
+                  test.images[test.labels == m.manifest["class_id"]]) for m in mine]
+
+
+def audit_run(run_dir: str | Path, num_synthetic: int = 2000, max_candidates: int = 1000, resamples: int = 200,
+              figure: bool = False, device: torch.device | None = None, site: str | None = None,
+              data_root: str | Path | None = None) -> dict:
+    """Audit every module of a run; writes RUN_DIR/audit.json (and audit-closest.png if figure) atomically.
+
+    With site and data_root (a deployment, at that site): only the site's modules, against its own folder;
+    writes RUN_DIR/audit-<site>.json instead, so the sites' audits and a server's never overwrite each other.
+    """
+    run_dir = Path(run_dir)
+    if (site is None) != (data_root is None):
+        raise AuditError("a site audit needs both --site and --data-root (the site's image folder)")
+    if not (run_dir / "modules").is_dir():
+        raise AuditError(f"{run_dir} has no modules/: not a run directory; audit the directory a `fedfactory run` "
+                         "wrote")
     modules = load_registry(run_dir / "modules")
     if not modules:
         raise AuditError(f"{run_dir}/modules holds no modules to audit")
+    if site is None:
+        cfg, cases = simulation_cases(run_dir, modules)
+    else:
+        cfg, cases = site_cases(run_dir, modules, site, Path(data_root).expanduser())
     results, pictures = [], []
-    for module in modules:
+    for module, members, non_members in cases:
         k, c = module.manifest["client_id"], module.manifest["class_id"]
-        if k >= len(parts):
-            raise AuditError(f"module {module.manifest['module_id']}: partition.json has no client {k}")
-        rows = parts[k][train.labels[parts[k]] == c]
-        members, non_members = train.images[rows], test.images[test.labels == c]
         if len(members) != module.manifest["num_samples"]:
             raise AuditError(f"module {module.manifest['module_id']} was trained on {module.manifest['num_samples']} "
-                             f"images, partition.json gives client {k} {len(members)} of class {c}")
+                             f"images, the audit's data gives client {k} {len(members)} of class {c}: the data "
+                             "changed since the run")
         if not len(non_members):
-            raise AuditError(f"the test set holds no images of class {c} to serve as non-members")
+            raise AuditError(f"no held-out images of class {c} to serve as non-members (the test set, or a site's "
+                             "test/ folder)")
         result = audit_module(module, members, non_members, cfg.run.seed, num_synthetic, max_candidates,
                               resamples, device)
         pairs = result.pop("closest_pairs")
@@ -214,7 +269,8 @@ def audit_run(run_dir: str | Path, num_synthetic: int = 2000, max_candidates: in
         "mia_auc_max": max(r["mia_auc"] for r in results),
         "copy_fraction_max": max(r["copy_fraction"] for r in results),
         "near_copy_ratio": NEAR_COPY_RATIO,
-        "non_members": "the class's test images (simulation)",
+        "non_members": ("the class's test images (simulation)" if site is None
+                        else f"site {site}'s own test/ images of the class"),
         "settings": {"num_synthetic": num_synthetic, "max_candidates": max_candidates, "resamples": resamples,
                      "distance": "L2 in [-1, 1] pixels"},
         "modules": results,
@@ -222,9 +278,10 @@ def audit_run(run_dir: str | Path, num_synthetic: int = 2000, max_candidates: in
     white = [r["mia_auc_white_box"] for r in results if "mia_auc_white_box" in r]
     if white:
         doc["mia_auc_white_box_max"] = max(white)
-    atomic_write_json(run_dir / "audit.json", doc)
+    suffix = "" if site is None else f"-{site}"
+    atomic_write_json(run_dir / f"audit{suffix}.json", doc)
     if figure:
-        atomic_write_bytes(run_dir / "audit-closest.png", closest_pairs_png(pictures))
+        atomic_write_bytes(run_dir / f"audit{suffix}-closest.png", closest_pairs_png(pictures))
     return doc
 
 
