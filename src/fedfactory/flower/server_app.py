@@ -180,10 +180,9 @@ def take_modules(reply: Message, node: int, k: int | str, expected: list[str] | 
         got.module_bytes[k] += len(data)
 
 
-def collect(replies: list[Message], node_of: dict[str, int], cfg: Config, expected: dict[int, list[str]],
-            modules_dir: Path) -> Collected:
-    """Validate every module in the replies with the registry's loader; write the good ones, report the rest."""
-    got = Collected()
+def identified(replies: list[Message], node_of: dict[str, int], got: Collected, identify):
+    """(node, reply, sender) for every train reply that is no error and whose sender `identify` accepts; the others
+    are recorded in got.errors. Each accepted sender's bookkeeping starts here, once for clients and sites alike."""
     for reply in replies:
         node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
@@ -191,15 +190,23 @@ def collect(replies: list[Message], node_of: dict[str, int], cfg: Config, expect
             log.info("node %d failed: %s", node, reply.error.reason)
             continue
         try:
-            k = _client_of(reply, cfg, got)
+            sender = identify(reply)
         except ReplyError as e:
             got.errors.append({"node_id": node, "reason": str(e)})
             log.info("node %d: reply refused: %s", node, e)
             continue
-        got.accepted[k], got.node_of[k], got.module_bytes[k] = [], node, 0
-        got.wire_bytes[k] = wire_bytes(reply)
+        got.accepted[sender], got.node_of[sender], got.module_bytes[sender] = [], node, 0
+        got.wire_bytes[sender] = wire_bytes(reply)
         seconds = reply.content.config_records[CLIENT].get("train-seconds")
-        got.train_seconds[k] = float(seconds) if isinstance(seconds, (int, float)) else 0.0
+        got.train_seconds[sender] = float(seconds) if isinstance(seconds, (int, float)) else 0.0
+        yield node, reply, sender
+
+
+def collect(replies: list[Message], node_of: dict[str, int], cfg: Config, expected: dict[int, list[str]],
+            modules_dir: Path) -> Collected:
+    """Validate every module in the replies with the registry's loader; write the good ones, report the rest."""
+    got = Collected()
+    for node, reply, k in identified(replies, node_of, got, lambda reply: _client_of(reply, cfg, got)):
         take_modules(reply, node, k, expected.get(k, ()), cfg, modules_dir, got)
         log.info("client %d (node %d): %d modules accepted, %d module bytes, %d bytes on the wire", k, node,
                  len(got.accepted[k]), got.module_bytes[k], got.wire_bytes[k])
@@ -263,23 +270,16 @@ def collect_sites(replies: list[Message], node_of: dict[str, int], cfg: Config, 
     """A deployment's train replies: each site's counts (validated) and the modules they imply, checked and
     written as `collect` does."""
     got = Collected()
-    for reply in replies:
-        node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        if reply.has_error():
-            got.errors.append({"node_id": node, "reason": reply.error.reason})
-            log.info("node %d failed: %s", node, reply.error.reason)
-            continue
-        try:
-            site, held = _site_of(reply, cfg, classes, got)
-        except ReplyError as e:
-            got.errors.append({"node_id": node, "reason": str(e)})
-            log.info("node %d: reply refused: %s", node, e)
-            continue
-        got.accepted[site], got.node_of[site], got.module_bytes[site] = [], node, 0
-        got.wire_bytes[site] = wire_bytes(reply)
+    claims = {}
+
+    def claim(reply: Message) -> str:
+        site, held = _site_of(reply, cfg, classes, got)
+        claims[site] = held
+        return site
+
+    for node, reply, site in identified(replies, node_of, got, claim):
+        held = claims[site]
         got.counts[site] = {classes[c]: n for c, n in sorted(held.items())}
-        seconds = reply.content.config_records[CLIENT].get("train-seconds")
-        got.train_seconds[site] = float(seconds) if isinstance(seconds, (int, float)) else 0.0
         hist = np.zeros(len(classes), dtype=np.int64)
         hist[list(held)] = list(held.values())
         got.expected[site] = [module_id(site, c) for _, c in implied_cells(hist, cfg.generator.min_samples)]
