@@ -108,6 +108,17 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float, poll_s: float = 0.5
         time.sleep(poll_s)
 
 
+def connected_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
+    """The SuperNodes that connected within wait_s: none is an error, fewer than count goes on without the rest."""
+    nodes = wait_for_nodes(grid, count, wait_s)
+    if not nodes:
+        raise RuntimeError(f"no SuperNode connected within flower.wait_nodes={wait_s}s")
+    if len(nodes) < count:
+        log.info("only %d of %d SuperNodes connected within %.0fs; going on without the others", len(nodes), count,
+                 wait_s)
+    return nodes
+
+
 def exchange(grid: Grid, messages: list[Message], timeout_s: float,
              poll_s: float = 0.5) -> tuple[list[Message], dict[str, int], list[int]]:
     """Push the messages, pull replies until all arrived or `timeout_s` passed.
@@ -483,12 +494,7 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
                  len(have))
 
     t0 = time.perf_counter()
-    nodes = wait_for_nodes(grid, cfg.data.num_clients, fl.wait_nodes)
-    if not nodes:
-        raise RuntimeError(f"no SuperNode connected within flower.wait_nodes={fl.wait_nodes}s")
-    if len(nodes) < cfg.data.num_clients:
-        log.info("only %d of %d SuperNodes connected within %.0fs; going on without the others", len(nodes),
-                 cfg.data.num_clients, fl.wait_nodes)
+    nodes = connected_nodes(grid, cfg.data.num_clients, fl.wait_nodes)
     messages = [Message(task_content(config_hash(cfg), list(have), list(have.values())), dst_node_id=n,
                         message_type=TRAIN, ttl=fl.train_timeout) for n in nodes]
     train_down = wire_bytes(messages[0])
@@ -558,12 +564,7 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
 
     # Wait for the SuperNodes, then one train message each; a TTL long enough for generator training.
     t0 = time.perf_counter()
-    nodes = wait_for_nodes(grid, cfg.data.num_clients, fl.wait_nodes)
-    if not nodes:
-        raise RuntimeError(f"no SuperNode connected within flower.wait_nodes={fl.wait_nodes}s")
-    if len(nodes) < cfg.data.num_clients:
-        log.info("only %d of %d SuperNodes connected within %.0fs; going on without the others", len(nodes),
-                 cfg.data.num_clients, fl.wait_nodes)
+    nodes = connected_nodes(grid, cfg.data.num_clients, fl.wait_nodes)
     messages = [Message(task_content(config_hash(cfg), have), dst_node_id=n, message_type=TRAIN,
                         ttl=fl.train_timeout) for n in nodes]
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
