@@ -142,13 +142,19 @@ def exchange(grid: Grid, messages: list[Message], timeout_s: float,
     return replies, node_of, silent + [node_of[mid] for mid in sorted(pending)]
 
 
-def _client_of(reply: Message, cfg: Config, got: Collected) -> int:
-    """The client id a reply answers for, after checking it belongs to this run and is the first for that client."""
+def train_reply_info(reply: Message):
+    """The sender's ConfigRecord of a train reply, after checking it carries that and a modules ArrayRecord."""
     if not reply.has_content():
         raise ReplyError("reply has no content")
     info, modules = reply.content.config_records.get(CLIENT), reply.content.array_records.get(MODULES)
     if info is None or modules is None:
         raise ReplyError(f"reply lacks the {CLIENT!r} ConfigRecord or the {MODULES!r} ArrayRecord")
+    return info
+
+
+def _client_of(reply: Message, cfg: Config, got: Collected) -> int:
+    """The client id a reply answers for, after checking it belongs to this run and is the first for that client."""
+    info = train_reply_info(reply)
     k = info.get("client-id")
     if type(k) is not int or not 0 <= k < cfg.data.num_clients:
         raise ReplyError(f"client-id {k!r} is not a client of this run (0..{cfg.data.num_clients - 1})")
@@ -244,11 +250,7 @@ def failure_report(got: Collected, expected: dict[int, list[str]], present: set[
 
 def _site_of(reply: Message, cfg: Config, classes: tuple[str, ...], got: Collected) -> tuple[str, dict[int, int]]:
     """The site a deployment reply answers for and its images per class id, after checking what it claims."""
-    if not reply.has_content():
-        raise ReplyError("reply has no content")
-    info, modules = reply.content.config_records.get(CLIENT), reply.content.array_records.get(MODULES)
-    if info is None or modules is None:
-        raise ReplyError(f"reply lacks the {CLIENT!r} ConfigRecord or the {MODULES!r} ArrayRecord")
+    info = train_reply_info(reply)
     site = info.get("site")
     if not is_site_name(site):
         raise ReplyError(f"site {str(site)[:40]!r} is not a site name (lowercase letters, digits, dashes)")
