@@ -198,9 +198,6 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     image_shape = (images.shape[3], images.shape[1], images.shape[2])
     net_cfg = network_config(cfg, image_shape)
     gen = torch_generator(seed)
-    # Under DP the noise and the Poisson sample come from OS entropy (privacy/dp.py: secret_generator).
-    noise_gen = secret_generator() if plan is not None else None
-    sample_gen = secret_generator() if plan is not None else None
     radius = latent_radius(cfg.latent_dim)
     torch.manual_seed(derive_seed(seed, "init"))  # parameter init is the only use of the global generator
     training = requested_training(cfg, len(images), seed, privacy)
@@ -210,6 +207,9 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
                          "diffusion": {}, "training": training | fields,
                          "privacy": plan.manifest(radius, fields["blur_sigma"], 2 * RFF_FEATURES)}
+    # Under DP-SGD the noise and the Poisson sample come from OS entropy (privacy/dp.py: secret_generator).
+    noise_gen = secret_generator() if plan is not None else None
+    sample_gen = secret_generator() if plan is not None else None
     model = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema.load_state_dict(model.state_dict())
