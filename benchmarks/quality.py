@@ -91,6 +91,8 @@ def main():
                    help="keep only the first N residual directions (an exact SVD's truncation is the rank-N fit)")
     p.add_argument("--local", action="store_true", help="score local mode (product of experts) instead")
     p.add_argument("--local-synthetic", default="missing", help="local mode's synthesis.local_synthetic")
+    p.add_argument("--save-log-probs", default="",
+                   help="local mode: also write every expert's validation log-probabilities to this .npz")
     p.add_argument("--classes", default="", help="only these classes (module timing only)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
     p.add_argument("--out", default="benchmarks/runs/quality")
@@ -153,6 +155,9 @@ def main():
                                           progress=False, input_blur=sigma)
                 log_probs.append(predict_log_proba(expert, val.images, device))
             proba = product_of_experts(log_probs)
+            if args.save_log_probs:
+                # For choosing how experts combine (benchmarks/combine.py) on validation, without retraining them.
+                np.savez_compressed(args.save_log_probs, log_probs=np.stack(log_probs), labels=val.labels)
         else:
             model = train_classifier(images, labels, train.num_classes, ccfg, 1, device,
                                      progress=False, input_blur=sigma)

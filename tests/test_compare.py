@@ -14,7 +14,7 @@ from fedfactory.data.datasets import ImageDataset
 from fedfactory.device import select_device
 from fedfactory.federation import compare as compare_module
 from fedfactory.federation.compare import COLUMNS, METHODS, compare, parse_methods
-from fedfactory.federation.factory import local_training_set, product_of_experts
+from fedfactory.federation.factory import combine_experts, local_training_set, product_of_experts
 from fedfactory.registry import load_registry
 
 SETTINGS = ["baselines.rounds=2", "baselines.local_steps=2", "baselines.batch_size=16"]
@@ -183,3 +183,25 @@ def test_benchmark_script_runs_on_the_tiny_preset(tmp_path):
     assert result["methods"] == [{k: v for k, v in r.items() if k not in ("train_loss", "val_accuracy")}
                                  for r in read_json(tmp_path / "run" / "comparison.json")["methods"]]
     assert "| fedavg | 1 |" in (tmp_path / "res" / "compare-tiny.md").read_text()
+
+
+def test_holders_rule_scores_each_class_by_the_experts_holding_it():
+    gen = torch.Generator().manual_seed(1)
+    log_probs = [torch.randn(6, 3, generator=gen, dtype=torch.float64).log_softmax(1).numpy() for _ in range(3)]
+    # Silos: expert k holds class k only, so class k's score is expert k's log p_k(k | x).
+    silos = np.eye(3) * 50
+    expected = torch.from_numpy(np.stack([log_probs[k][:, k] for k in range(3)], 1)).softmax(1).numpy()
+    np.testing.assert_allclose(combine_experts(log_probs, silos, "holders"), expected, rtol=1e-12)
+    # Shared classes weigh their holders by real images; a class nobody holds falls back to all experts alike.
+    held = np.array([[30, 0, 0], [10, 5, 0], [0, 15, 0]])
+    score = np.stack([0.75 * log_probs[0][:, 0] + 0.25 * log_probs[1][:, 0],
+                      (5 * log_probs[1][:, 1] + 15 * log_probs[2][:, 1]) / 20,
+                      sum(lp[:, 2] for lp in log_probs) / 3], 1)
+    np.testing.assert_allclose(combine_experts(log_probs, held, "holders"), torch.from_numpy(score).softmax(1).numpy(),
+                               rtol=1e-12)
+    # "product" ignores the holdings; a wrong shape or an unknown rule is an error that says what is expected.
+    np.testing.assert_array_equal(combine_experts(log_probs, held, "product"), product_of_experts(log_probs))
+    with pytest.raises(ValueError, match="one row of non-negative counts per expert"):
+        combine_experts(log_probs, held[:2], "holders")
+    with pytest.raises(ValueError, match="valid rules are product, holders"):
+        combine_experts(log_probs, held, "vote")

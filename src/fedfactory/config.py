@@ -72,6 +72,9 @@ class SynthesisConfig:
 @dataclass(frozen=True)
 class ClassifierConfig:
     mode: str = "server"  # server | local
+    # Local mode: how the experts' predictions combine (federation.factory.combine_experts). "product": the
+    # paper's product of experts; "holders": each class is scored by the experts holding real images of it.
+    combine: str = "product"
     width: int = 32  # base channels of the CNN
     epochs: int = 8
     batch_size: int = 128
@@ -138,6 +141,7 @@ CHOICES = {
     ("data", "partition"): ("iid", "pathological", "dirichlet", "natural"),
     ("generator", "family"): ("aegmm", "edm"),
     ("classifier", "mode"): ("server", "local"),
+    ("classifier", "combine"): ("product", "holders"),
     ("synthesis", "local_synthetic"): ("missing", "all"),
     ("classifier", "norm"): ("batch", "group"),
     ("baselines", "weighting"): ("samples", "uniform"),

@@ -128,9 +128,37 @@ def product_of_experts(log_probs: list[np.ndarray]) -> np.ndarray:
     p(y | x) is proportional to prod_k p_k(y | x): sum the log-softmax outputs, then normalise with a
     log-sum-exp (shifting by the row maximum first), so very confident experts cannot overflow or underflow.
     """
-    total = np.sum(np.stack(log_probs), axis=0, dtype=np.float64)
-    total -= total.max(axis=1, keepdims=True)
-    return np.exp(total - np.log(np.exp(total).sum(axis=1, keepdims=True)))
+    return softmax(np.sum(np.stack(log_probs), axis=0, dtype=np.float64))
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of float64 scores (N, C), shifted by the row maximum first so nothing overflows."""
+    scores = scores - scores.max(axis=1, keepdims=True)
+    return np.exp(scores - np.log(np.exp(scores).sum(axis=1, keepdims=True)))
+
+
+def combine_experts(log_probs: list[np.ndarray], held: np.ndarray, rule: str) -> np.ndarray:
+    """Class probabilities (N, C) of local mode's experts (classifier.combine), from each expert's log-probabilities
+    (N, C) and held (K, C): the real images of each class expert k trained on.
+
+    "product": product_of_experts. "holders": class c's score is the mean of log p_k(c | x) over the experts
+    weighted by their share of the real images of c (a class no expert holds: all experts alike); the scores are
+    normalised with a softmax. An expert holding c trained on real images of c against synthetic images of the
+    others, so it is the one that knows what a real c looks like; the other experts only ever saw decoded c. On
+    Fashion-MNIST silos' validation split, holders only beat the product, and the more the holders' weight the
+    better (benchmarks/results/combine-fashion-mnist-silos.md).
+    """
+    if rule == "product":
+        return product_of_experts(log_probs)
+    if rule != "holders":
+        raise ValueError(f"combine rule {rule!r}: valid rules are product, holders")
+    held = np.asarray(held, dtype=np.float64)
+    if held.shape != (len(log_probs), log_probs[0].shape[1]) or (held < 0).any():
+        raise ValueError(f"held has shape {held.shape}: one row of non-negative counts per expert, one column per "
+                         f"class ({len(log_probs)}, {log_probs[0].shape[1]}) expected")
+    total = held.sum(axis=0)
+    weights = np.where(total > 0, held / np.maximum(total, 1), 1.0 / len(log_probs))
+    return softmax(np.einsum("kc,knc->nc", weights, np.stack(log_probs).astype(np.float64)))
 
 
 def module_guarantees(manifests: list[dict]) -> dict[str, dict | None]:

@@ -23,9 +23,9 @@ from fedfactory.device import select_device
 from fedfactory.federation.client import held_classes, train_client_modules
 from fedfactory.federation.factory import (
     bytes_per_client,
+    combine_experts,
     local_training_set,
     module_guarantees,
-    product_of_experts,
     synthesize,
     trained_as_asked,
 )
@@ -209,8 +209,8 @@ def expert_path(out: Path, client_id: int) -> Path:
 def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], train: ImageDataset, test: ImageDataset,
                 out: Path, device: torch.device, timer: Timer, modules_dir: Path | None = None) -> dict:
     """Local mode: each client with data trains an expert on its real data and the modules it receives (every
-    other client's); the experts' predictions are combined as a product of experts. Writes experts/ and
-    metrics.json to `out`; module sizes come from modules_dir (default out/modules).
+    other client's); the experts' predictions are combined by classifier.combine (combine_experts). Writes experts/
+    and metrics.json to `out`; module sizes come from modules_dir (default out/modules).
     """
     modules_dir = modules_dir or out / "modules"
     sizes = {p.stem: p.stat().st_size for p in sorted(modules_dir.glob("*.safetensors"))}
@@ -245,7 +245,8 @@ def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], tra
         raise ValueError("local mode: no client holds any data, so there is no expert to combine")
 
     t0 = time.perf_counter()
-    metrics = evaluate(product_of_experts(log_probs), test.labels, test.class_names)
+    holdings = np.stack([np.bincount(train.labels[parts[k]], minlength=train.num_classes) for k in experts])
+    metrics = evaluate(combine_experts(log_probs, holdings, cfg.classifier.combine), test.labels, test.class_names)
     timer.add("evaluation", time.perf_counter() - t0)
     timer.add("end_to_end", time.perf_counter() - timer.start)
 
@@ -264,7 +265,8 @@ def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], tra
         "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in held],
     }
     table = write_metrics(cfg, metrics, rows, out, device, blur)
-    log.info("results (%s, %d test images, product of %d experts):\n%s", test.name, len(test), len(log_probs), table)
+    log.info("results (%s, %d test images, %d experts combined by %s):\n%s", test.name, len(test), len(log_probs),
+             cfg.classifier.combine, table)
     log.info("timings (s): %s", json.dumps(timer.timings))
     return metrics
 

@@ -324,6 +324,18 @@ def site_counts(reply: Message, site: str, num_classes: int) -> dict[str, np.nda
         raise ReplyError(f"site {site}: {e}") from None
 
 
+def site_round(grid: Grid, fl: FlowerConfig, got: Collected,
+               messages: list[Message]) -> tuple[list[tuple[str, Message]], dict[str, str]]:
+    """One message to each site that trained: (site, reply) for every reply, and site -> reason for the sites that
+    never answered. A reply's site is its destination node's (error replies come from the SuperLink, node 0)."""
+    replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
+    site_of_node = {node: site for site, node in got.node_of.items()}
+    answered = [(site_of_node[node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)], r)
+                for r in replies]
+    return answered, {site_of_node[node]: f"no reply within flower.train_timeout={fl.train_timeout}s"
+                      for node in silent}
+
+
 def evaluate_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, classes: tuple[str, ...],
                       weights: dict[str, bytes], blur: float, report: dict) -> dict:
     """Send the classifier (or local mode's experts, combined at the site as a product of experts) to every site
@@ -333,12 +345,10 @@ def evaluate_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected,
     messages = [Message(classifier_content(weights, config_hash(cfg), blur), dst_node_id=got.node_of[site],
                         message_type=EVALUATE, ttl=fl.train_timeout) for site in sites]
     down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
-    replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
-    site_of_node = {node: site for site, node in got.node_of.items()}
+    answered, failed = site_round(grid, fl, got, messages)
     total = None
-    scored, failed, up = {}, {}, {}
-    for reply in replies:
-        site = site_of_node[node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)]
+    scored, up = {}, {}
+    for site, reply in answered:
         try:
             counts = site_counts(reply, site, len(classes))
         except ReplyError as e:
@@ -349,8 +359,6 @@ def evaluate_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected,
         scored[site] = int(counts["confusion"].sum())
         total = counts if total is None else {k: total[k] + v for k, v in counts.items()}
         log.info("site %s scored %d test images", site, scored[site])
-    for node in silent:
-        failed[site_of_node[node]] = f"no reply within flower.train_timeout={fl.train_timeout}s"
     if total is None:
         raise RuntimeError(f"no site returned evaluation counts; failures: {failed}")
     report["evaluation"] = {"sites": dict(sorted(scored.items())), "failed_sites": dict(sorted(failed.items())),
@@ -393,12 +401,10 @@ def expert_round(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, modu
         mid: files[mid] for mid in expert_modules(site, modules, cfg)}),
         dst_node_id=got.node_of[site], message_type=TRAIN, ttl=fl.train_timeout) for site in sites]
     down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
-    replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
-    site_of_node = {node: site for site, node in got.node_of.items()}
-    channels, experts, up, failed = modules[0].manifest["image_shape"][0], {}, {}, {}
+    answered, failed = site_round(grid, fl, got, messages)
+    channels, experts, up = modules[0].manifest["image_shape"][0], {}, {}
     (out / "experts").mkdir(exist_ok=True)
-    for reply in replies:
-        site = site_of_node[node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)]
+    for site, reply in answered:
         try:
             if reply.has_error():
                 raise ReplyError(reply.error.reason)
@@ -418,10 +424,8 @@ def expert_round(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, modu
         atomic_write_bytes(out / "experts" / f"{site}.safetensors", payload[site])
         experts[site], up[site] = payload[site], wire_bytes(reply)
         log.info("site %s: expert received (%d bytes on the wire)", site, up[site])
-    for node in silent:
-        failed[site_of_node[node]] = f"no reply within flower.train_timeout={fl.train_timeout}s"
     report["expert_round"] = {"sites": sorted(experts), "failed_sites": dict(sorted(failed.items())),
-                         "bytes_down": down, "bytes_up": dict(sorted(up.items()))}
+                              "bytes_down": down, "bytes_up": dict(sorted(up.items()))}
     if not experts:
         raise RuntimeError(f"no site returned an expert; failures: {failed}")
     return experts
@@ -545,7 +549,6 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     atomic_write_json(out / "metrics.json", metrics)
     log.info("report: %s", write_report(out, device=device))
     return metrics
-
 
 
 def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:

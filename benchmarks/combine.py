@@ -1,0 +1,54 @@
+"""How local mode's experts should combine, chosen on the validation split from saved expert outputs.
+
+`benchmarks/quality.py --local --save-log-probs F.npz` writes every expert's validation log-probabilities
+(experts, N, C) for Fashion-MNIST silos (expert k holds the real images of class k). This scores combination
+rules on them without retraining a single expert; the test set is never read.
+
+  python benchmarks/combine.py /tmp/lp/missing-3000-5.npz [...]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedfactory.federation.factory import product_of_experts
+from fedfactory.runs import provenance
+
+
+def rules(lp: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores (N, C) of every rule from experts' log-probabilities (K, N, C), expert k the holder of class k."""
+    k, c = lp.shape[0], lp.shape[2]
+    holders = np.eye(k, c)  # silos: expert k holds the real images of class k
+    out = {"product": np.log(product_of_experts(list(lp))),
+           "mixture (mean probability)": np.log(np.exp(lp).mean(axis=0)),
+           "others only (no holder)": np.where(holders[:, None, :] > 0, 0.0, lp).sum(axis=0)}
+    for lam in (0.25, 0.5, 0.75, 0.9, 1.0):
+        # Per class c, a weighted geometric mean of the experts' p_k(c | x): weight (1 - lam) / K for every
+        # expert plus lam times expert k's share of the real images of c (lam 0: the product; 1: holders only).
+        w = (1 - lam) / k + lam * holders / holders.sum(axis=0, keepdims=True)
+        out[f"holder weight {lam}"] = np.einsum("kc,knc->nc", w, lp)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("files", nargs="+")
+    p.add_argument("--results", default="benchmarks/results/combine-fashion-mnist-silos.jsonl")
+    args = p.parse_args()
+    for f in args.files:
+        d = np.load(f)
+        lp, y = d["log_probs"], d["labels"]
+        row = {"file": Path(f).name,
+               "experts_alone": [round(float((e.argmax(1) == y).mean()), 4) for e in lp],
+               "rules": {name: round(float((s.argmax(1) == y).mean()), 4) for name, s in rules(lp).items()},
+               **provenance(__file__, sys.argv[1:])}
+        print(json.dumps(row, indent=1))
+        with open(args.results, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
