@@ -34,7 +34,7 @@ from fedfactory.classifier import classifier_from_state, predict_log_proba, pred
 from fedfactory.cli import main  # noqa: E402
 from fedfactory.config import ConfigError, class_list, config_hash, load_config, to_toml  # noqa: E402
 from fedfactory.data.datasets import DatasetError, load_data, read_class_folders, write_class_folders  # noqa: E402
-from fedfactory.federation.factory import product_of_experts  # noqa: E402
+from fedfactory.federation.factory import combine_experts, product_of_experts  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_partition, node_site, site_data  # noqa: E402
@@ -347,10 +347,12 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
                                                                   capsys):
     # Both rounds of local mode with the real ClientApp behind an in-process grid: each site gets the others'
     # modules and, with synthesis.local_synthetic=all, its own back (a ClientApp keeps none), trains its expert on
-    # 40 synthetic images of every class, and the product of experts is scored at the sites by counts.
+    # 40 synthetic images of every class, and the experts, combined by the holders rule (each class scored by the
+    # sites holding its real images, as the sites reported them), are scored at the sites by counts.
     out = tmp_path / "local"
     with caplog.at_level(logging.INFO, logger="flwr"):
-        metrics = serve_in_process(sites, out, monkeypatch, "classifier.mode=local", "synthesis.local_synthetic=all")
+        metrics = serve_in_process(sites, out, monkeypatch, "classifier.mode=local", "synthesis.local_synthetic=all",
+                                   "classifier.combine=holders")
     for s in SITES:
         assert re.search(rf"site {s}: expert trained on \d+ real \+ 400 synthetic images from 10 modules",
                          caplog.text), caplog.text
@@ -362,8 +364,11 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
     log_probs = [predict_log_proba(classifier_from_state(load_file(out / "experts" / f"{s}.safetensors"), 1, 10,
                                                          cfg.classifier, metrics["classifier_input_blur"]),
                                    images, torch.device("cpu")) for s in SITES]
-    pooled = evaluate(product_of_experts(log_probs), labels, classes)
+    held = np.array([[metrics["flower"]["site_counts"][s].get(c, 0) for c in classes] for s in SITES])
+    assert (held > 0).sum() < held.size  # sites hold different classes, so the rule differs from the product
+    pooled = evaluate(combine_experts(log_probs, held, "holders"), labels, classes)
     assert {k: metrics[k] for k in pooled} == pooled
+    assert pooled != evaluate(product_of_experts(log_probs), labels, classes)
     # Each site downloads every module (the others' and, for "all", its own) and uploads one expert; all counted.
     sizes = metrics["bytes"]["per_module"]
     for s in SITES:

@@ -29,7 +29,7 @@ from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import held_classes, train_client_modules
-from fedfactory.federation.factory import local_training_set, product_of_experts
+from fedfactory.federation.factory import combine_experts, local_training_set, product_of_experts
 from fedfactory.flower.run_config import parse_run_config
 from fedfactory.flower.wire import (
     CLASSIFIER,
@@ -187,11 +187,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     test = site_data(cfg, root, dataset, "test")
     if test is not None and len(test):
         blur = float(task.get("input-blur", 0.0))
-        # One classifier, or the experts of local mode, whose log-probabilities add (product of experts).
+        # One classifier, or the experts of local mode, combined by classifier.combine with the real images per
+        # class each trained on (sent by the server as "held-<name>").
+        weights = classifier_bytes(msg.content.array_records[CLASSIFIER])
         log_probs = [predict_log_proba(classifier_from_state(load(w), test.images.shape[3], len(classes),
                                                              cfg.classifier, blur).to(device), test.images, device)
-                     for w in classifier_bytes(msg.content.array_records[CLASSIFIER]).values()]
-        probs = np.exp(log_probs[0]) if len(log_probs) == 1 else product_of_experts(log_probs)
+                     for w in weights.values()]
+        held = [task.get(f"held-{name}") for name in weights]
+        if any(h is not None for h in held):
+            if any(not isinstance(h, list) or len(h) != len(classes) for h in held):
+                raise ValueError(f"site {site}: every expert needs held counts for the {len(classes)} classes")
+            probs = combine_experts(log_probs, np.array(held, dtype=np.int64), cfg.classifier.combine)
+        else:
+            probs = np.exp(log_probs[0]) if len(log_probs) == 1 else product_of_experts(log_probs)
         labels = test.labels
     else:
         log.info("fedfactory site %s: no test folder in %s, nothing to score", site, root)

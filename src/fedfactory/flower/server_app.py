@@ -337,12 +337,14 @@ def site_round(grid: Grid, fl: FlowerConfig, got: Collected,
 
 
 def evaluate_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, classes: tuple[str, ...],
-                      weights: dict[str, bytes], blur: float, report: dict) -> dict:
-    """Send the classifier (or local mode's experts, combined at the site as a product of experts) to every site
+                      weights: dict[str, bytes], blur: float, report: dict, experts: bool = False) -> dict:
+    """Send the classifier (or local mode's experts, combined at the site by classifier.combine) to every site
     that trained, sum the counts they return and compute the metrics from the sums. Records per site what was
     scored and the bytes in report["evaluation"]."""
     sites = sorted(got.node_of)
-    messages = [Message(classifier_content(weights, config_hash(cfg), blur), dst_node_id=got.node_of[site],
+    # Experts travel with the counts of real images they trained on (the sites' reports), which combine_experts uses.
+    held = {k: [got.counts[k].get(c, 0) for c in classes] for k in weights} if experts else None
+    messages = [Message(classifier_content(weights, config_hash(cfg), blur, held), dst_node_id=got.node_of[site],
                         message_type=EVALUATE, ttl=fl.train_timeout) for site in sites]
     down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
     answered, failed = site_round(grid, fl, got, messages)
@@ -433,13 +435,13 @@ def expert_round(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, modu
 
 def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, modules: list[Module],
                       classes: tuple[str, ...], out: Path, device: torch.device, timer: Timer, report: dict) -> dict:
-    """Local mode in a deployment: experts trained at the sites, combined at the sites as a product of experts."""
+    """Local mode in a deployment: experts trained at the sites, combined at the sites by classifier.combine."""
     blur = input_blur(cfg, modules)
     t0 = time.perf_counter()
     experts = expert_round(grid, cfg, fl, got, modules, blur, out, report)
     timer.add("experts_round_trip", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    metrics = evaluate_at_sites(grid, cfg, fl, got, classes, experts, blur, report)
+    metrics = evaluate_at_sites(grid, cfg, fl, got, classes, experts, blur, report, experts=True)
     timer.add("evaluation", time.perf_counter() - t0)
     timer.add("end_to_end", time.perf_counter() - timer.start)
     sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}

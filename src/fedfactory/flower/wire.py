@@ -44,11 +44,14 @@ def classifier_array(weights: bytes) -> Array:
     return Array(dtype="uint8", shape=(len(weights),), stype=CLASSIFIER_STYPE, data=weights)
 
 
-def classifier_content(weights: dict[str, bytes], config_hash: str, input_blur: float) -> RecordDict:
-    """An evaluate message: classifiers as safetensors bytes (one, or the experts of a product of experts, by
-    name) and what a site needs to rebuild them."""
+def classifier_content(weights: dict[str, bytes], config_hash: str, input_blur: float,
+                       held: dict[str, list[int]] | None = None) -> RecordDict:
+    """An evaluate message: classifiers as safetensors bytes (one, or local mode's experts, by name), what a site
+    needs to rebuild them, and for experts the real images per class each trained on (held, for
+    federation.factory.combine_experts), under "held-<name>"."""
+    task = {"config-hash": config_hash, "input-blur": input_blur} | {f"held-{k}": v for k, v in (held or {}).items()}
     return RecordDict({CLASSIFIER: ArrayRecord({name: classifier_array(w) for name, w in weights.items()}),
-                       TASK: ConfigRecord({"config-hash": config_hash, "input-blur": input_blur})})
+                       TASK: ConfigRecord(task)})
 
 
 def classifier_bytes(record: ArrayRecord) -> dict[str, bytes]:
