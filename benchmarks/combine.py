@@ -4,18 +4,17 @@
 (experts, N, C) for Fashion-MNIST silos (expert k holds the real images of class k). This scores combination
 rules on them without retraining a single expert; the test set is never read.
 
-  python benchmarks/combine.py /tmp/lp/missing-3000-5.npz [...]
+  python benchmarks/combine.py /tmp/lp/missing-3000-5.npz /tmp/lp/all-3000-5.npz
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from fedfactory.federation.factory import product_of_experts
-from fedfactory.runs import provenance
+from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
 
 
 def rules(lp: np.ndarray) -> dict[str, np.ndarray]:
@@ -36,18 +35,33 @@ def rules(lp: np.ndarray) -> dict[str, np.ndarray]:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("files", nargs="+")
-    p.add_argument("--results", default="benchmarks/results/combine-fashion-mnist-silos.jsonl")
+    p.add_argument("--results", default="benchmarks/results/combine-fashion-mnist-silos")
     args = p.parse_args()
+    source = provenance(__file__, sys.argv[1:])
+    rows = []
     for f in args.files:
         d = np.load(f)
         lp, y = d["log_probs"], d["labels"]
-        row = {"file": Path(f).name,
-               "experts_alone": [round(float((e.argmax(1) == y).mean()), 4) for e in lp],
-               "rules": {name: round(float((s.argmax(1) == y).mean()), 4) for name, s in rules(lp).items()},
-               **provenance(__file__, sys.argv[1:])}
-        print(json.dumps(row, indent=1))
-        with open(args.results, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        rows.append({"file": Path(f).name,
+                     "experts_alone": [round(float((e.argmax(1) == y).mean()), 4) for e in lp],
+                     "rules": {name: round(float((s.argmax(1) == y).mean()), 4) for name, s in rules(lp).items()}})
+    atomic_write_json(Path(args.results + ".json"), source | {"rows": rows})
+    names = [r["file"] for r in rows]
+    lines = ["# How local mode's experts combine (Fashion-MNIST silos, validation split)", "",
+             provenance_line(source), "",
+             "Validation accuracy (1,000 held-out training images per class, `benchmarks/quality.py` protocol) of",
+             "the same experts under each rule; expert k holds the real images of class k. The test set is not read.",
+             "Expert outputs from `python benchmarks/quality.py --variant preset500 --set steps=500 --local",
+             "--local-synthetic {missing,all} --samples 3000 --epochs 5 --save-log-probs F.npz` (the preset's local",
+             "recipe; their product rows are in quality-sweep.md). Holder weight w: class c's score is",
+             "(1 - w) * mean_k log p_k(c | x) + w * log p_c(c | x); w = 0 is the product, w = 1 the `holders` rule.",
+             "", "| rule | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for rule in rows[0]["rules"]:
+        lines.append(f"| {rule} | " + " | ".join(f"{r['rules'][rule]:.4f}" for r in rows) + " |")
+    lines.append("| each expert alone (min to max) | " + " | ".join(
+        f"{min(r['experts_alone']):.4f} to {max(r['experts_alone']):.4f}" for r in rows) + " |")
+    atomic_write_text(Path(args.results + ".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
