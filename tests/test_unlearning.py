@@ -218,9 +218,11 @@ def client_with_a_small_cell(run_dir: Path) -> int:
 
 def test_a_run_with_cells_below_min_samples_unlearns_its_client_entirely_and_verifies(tmp_path):
     # generator.min_samples=20 leaves cells without a module, as in the README's Dirichlet run; local mode is where
-    # a withdrawn client's rows in those cells would still matter (its expert trains on its real data).
+    # a withdrawn client's rows in those cells would still matter (its expert trains on its real data). With the
+    # holders rule, which weighs the experts by their real counts per class, on classes several clients share.
     source = tmp_path / "local"
-    run(load_config("tiny", [f"run.out={source}", "classifier.mode=local", "data.partition=dirichlet",
+    run(load_config("tiny", [f"run.out={source}", "classifier.mode=local", "classifier.combine=holders",
+                             "data.partition=dirichlet",
                              "data.num_clients=4", "data.alpha=0.3", "generator.steps=5", "generator.min_samples=20",
                              "reference.centralized=false", "synthesis.samples_per_class=20"]))
     k = client_with_a_small_cell(source)
