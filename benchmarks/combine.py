@@ -13,15 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfactory.federation.factory import product_of_experts
+from fedfactory.federation.factory import combine_experts
 from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def rules(lp: np.ndarray) -> dict[str, np.ndarray]:
     """Scores (N, C) of every rule from experts' log-probabilities (K, N, C), expert k the holder of class k."""
     k, c = lp.shape[0], lp.shape[2]
     holders = np.eye(k, c)  # silos: expert k holds the real images of class k
-    out = {"product": np.log(product_of_experts(list(lp))),
+    out = {"product": combine_experts(list(lp), None, "product"),
            "mixture (mean probability)": np.log(np.exp(lp).mean(axis=0)),
            "others only (no holder)": np.where(holders[:, None, :] > 0, 0.0, lp).sum(axis=0)}
     for lam in (0.25, 0.5, 0.75, 0.9, 1.0):
@@ -29,18 +31,25 @@ def rules(lp: np.ndarray) -> dict[str, np.ndarray]:
         # expert plus lam times expert k's share of the real images of c (lam 0: the product; 1: holders only).
         w = (1 - lam) / k + lam * holders / holders.sum(axis=0, keepdims=True)
         out[f"holder weight {lam}"] = np.einsum("kc,knc->nc", w, lp)
+    # The rule the package ships, through the package: it must agree with holder weight 1.0.
+    out["holders (combine_experts)"] = combine_experts(list(lp), holders, "holders")
     return out
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("files", nargs="+")
-    p.add_argument("--results", default="benchmarks/results/combine-fashion-mnist-silos")
+    p.add_argument("--results", default=str(RESULTS / "combine-fashion-mnist-silos"),
+                   help="results path without suffix (.json and .md are written)")
     args = p.parse_args()
     source = provenance(__file__, sys.argv[1:])
     rows = []
     for f in args.files:
+        if not Path(f).is_file():
+            raise SystemExit(f"{f}: no such file; make it with benchmarks/quality.py --local --save-log-probs {f}")
         d = np.load(f)
+        if not {"log_probs", "labels"} <= set(d.files):
+            raise SystemExit(f"{f} holds {d.files}, not log_probs and labels from quality.py --save-log-probs")
         lp, y = d["log_probs"], d["labels"]
         rows.append({"file": Path(f).name,
                      "experts_alone": [round(float((e.argmax(1) == y).mean()), 4) for e in lp],

@@ -54,9 +54,8 @@ def num(x: float | None, digits: int) -> str:
 
 
 def spread(entry: dict, key: str, digits: int) -> str:
-    if entry[f"{key}_mean"] is None:
-        return "-"
-    return f"{num(entry[f'{key}_mean'], digits)} ± {num(entry[f'{key}_std'], digits)}"
+    mean, std = entry[f"{key}_mean"], entry[f"{key}_std"]
+    return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -86,6 +85,8 @@ def main():
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    source = provenance(__file__, sys.argv[1:])  # the tree the runs start from, not whatever it is when they end
+
     def one(family: str, seed: int | None) -> dict:
         out = Path(args.runs) / (f"{args.name}-{family}" + ("" if seed is None else f"-seed{seed}"))
         row = run_one(args.config, family, seed, out, args.overrides)
@@ -96,7 +97,6 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda fs: one(*fs), [(f, s) for f in args.families.split(",") for s in seeds]))
     RESULTS.mkdir(exist_ok=True)
-    source = provenance(__file__, sys.argv[1:])
     summary = summarize(rows) if len(seeds) > 1 else []
     result = source | {"cpu_threads": os.cpu_count(), "jobs": args.jobs, "rows": rows, "summary": summary}
     atomic_write_json(RESULTS / f"{args.name}.json", result)

@@ -21,6 +21,7 @@ from fedfactory.classifier import classifier_from_state, predict_log_proba
 from fedfactory.config import load_config
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import combine_experts
+from fedfactory.federation.runner import expert_path
 from fedfactory.metrics import evaluate
 from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
 
@@ -33,6 +34,9 @@ def main():
     p.add_argument("--combine", required=True, choices=("product", "holders"))
     p.add_argument("--name", required=True, help="results file name under benchmarks/results")
     args = p.parse_args()
+    missing = [f for f in ("config.toml", "metrics.json", "partition.json") if not (args.run / f).is_file()]
+    if missing:
+        raise SystemExit(f"{args.run}: no {', '.join(missing)}; give the directory of a finished local-mode run")
     cfg = load_config(str(args.run / "config.toml"))
     metrics = json.loads((args.run / "metrics.json").read_text())
     if metrics.get("mode") != "local":
@@ -43,7 +47,7 @@ def main():
                            cfg.data.test_root)
     device = torch.device("cpu")
     log_probs = [predict_log_proba(classifier_from_state(
-        load_file(args.run / "experts" / f"client-{k:03d}.safetensors"), test.images.shape[3], test.num_classes,
+        load_file(expert_path(args.run, k)), test.images.shape[3], test.num_classes,
         cfg.classifier, metrics["classifier_input_blur"]), test.images, device) for k in experts]
     scored = evaluate(combine_experts(log_probs, histogram[experts], args.combine), test.labels, test.class_names)
     source = provenance(__file__, sys.argv[1:])

@@ -201,7 +201,13 @@ def test_holders_rule_scores_each_class_by_the_experts_holding_it():
                                rtol=1e-12)
     # "product" ignores the holdings; a wrong shape or an unknown rule is an error that says what is expected.
     np.testing.assert_array_equal(combine_experts(log_probs, held, "product"), product_of_experts(log_probs))
-    with pytest.raises(ValueError, match="one row of non-negative counts per expert"):
+    with pytest.raises(ValueError, match="one row of real-image counts per expert"):
         combine_experts(log_probs, held[:2], "holders")
+    with pytest.raises(ValueError, match="the holders rule needs held"):
+        combine_experts(log_probs, None, "holders")
+    with pytest.raises(ValueError, match="non-negative"):
+        combine_experts(log_probs, -held, "holders")
+    with pytest.raises(ValueError, match="no expert to combine"):
+        combine_experts([], None, "product")
     with pytest.raises(ValueError, match="valid rules are product, holders"):
         combine_experts(log_probs, held, "vote")

@@ -17,6 +17,17 @@ from fedfactory.generative.artifact import ModuleError
 USER_ERRORS = (FedFactoryError, ModuleError)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, refused in one line otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def cmd_run(args) -> int:
     from fedfactory.federation.runner import run
 
@@ -189,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_unlearn)
     p = sub.add_parser("audit", help="memorization and membership inference of every module: RUN_DIR/audit.json")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--synthetic", type=int, default=2000, help="synthetic samples per module (default 2000)")
-    p.add_argument("--candidates", type=int, default=1000,
+    p.add_argument("--synthetic", type=positive_int, default=2000, help="synthetic samples per module (default 2000)")
+    p.add_argument("--candidates", type=positive_int, default=1000,
                    help="members and non-members each that the attack scores (default 1000)")
     p.add_argument("--figure", action="store_true", help="also write RUN_DIR/audit-closest.png, the synthetic "
                    "samples closest to training images (shows real images: only for whoever may see the site's data)")

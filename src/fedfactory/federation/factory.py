@@ -137,9 +137,9 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return np.exp(scores - np.log(np.exp(scores).sum(axis=1, keepdims=True)))
 
 
-def combine_experts(log_probs: list[np.ndarray], held: np.ndarray, rule: str) -> np.ndarray:
+def combine_experts(log_probs: list[np.ndarray], held: np.ndarray | None, rule: str) -> np.ndarray:
     """Class probabilities (N, C) of local mode's experts (classifier.combine), from each expert's log-probabilities
-    (N, C) and held (K, C): the real images of each class expert k trained on.
+    (N, C) and held (K, C): the real images of each class expert k trained on (only "holders" needs it).
 
     "product": product_of_experts. "holders": class c's score is the mean of log p_k(c | x) over the experts
     weighted by their share of the real images of c (a class no expert holds: all experts alike); the scores are
@@ -148,14 +148,19 @@ def combine_experts(log_probs: list[np.ndarray], held: np.ndarray, rule: str) ->
     Fashion-MNIST silos' validation split, holders only beat the product, and the more the holders' weight the
     better (benchmarks/results/combine-fashion-mnist-silos.md).
     """
+    if not log_probs:
+        raise ValueError("no expert to combine")
     if rule == "product":
         return product_of_experts(log_probs)
     if rule != "holders":
         raise ValueError(f"combine rule {rule!r}: valid rules are product, holders")
+    expected = (len(log_probs), log_probs[0].shape[1])
+    if held is None or np.shape(held) != expected:
+        raise ValueError(f"the holders rule needs held: one row of real-image counts per expert, one column per class "
+                         f"{expected}, got {None if held is None else np.shape(held)}")
     held = np.asarray(held, dtype=np.float64)
-    if held.shape != (len(log_probs), log_probs[0].shape[1]) or (held < 0).any():
-        raise ValueError(f"held has shape {held.shape}: one row of non-negative counts per expert, one column per "
-                         f"class ({len(log_probs)}, {log_probs[0].shape[1]}) expected")
+    if (held < 0).any():
+        raise ValueError("held counts must be non-negative")
     total = held.sum(axis=0)
     weights = np.where(total > 0, held / np.maximum(total, 1), 1.0 / len(log_probs))
     return softmax(np.einsum("kc,knc->nc", weights, np.stack(log_probs).astype(np.float64)))

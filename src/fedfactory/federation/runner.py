@@ -252,7 +252,7 @@ def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], tra
 
     rows = [("factory-local", metrics)] + centralized_reference(cfg, train, test, device, timer, blur, metrics)
 
-    held = {c for rows_k in parts for c in np.unique(train.labels[rows_k]).tolist()}
+    held = set(np.flatnonzero(holdings.sum(axis=0)).tolist())
     metrics |= {
         "mode": "local",
         "timings": timer.timings,

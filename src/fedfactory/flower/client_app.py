@@ -29,7 +29,7 @@ from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import held_classes, train_client_modules
-from fedfactory.federation.factory import combine_experts, local_training_set, product_of_experts
+from fedfactory.federation.factory import combine_experts, local_training_set
 from fedfactory.flower.run_config import parse_run_config
 from fedfactory.flower.wire import (
     CLASSIFIER,
@@ -193,13 +193,17 @@ def evaluate(msg: Message, context: Context) -> Message:
         log_probs = [predict_log_proba(classifier_from_state(load(w), test.images.shape[3], len(classes),
                                                              cfg.classifier, blur).to(device), test.images, device)
                      for w in weights.values()]
-        held = [task.get(f"held-{name}") for name in weights]
-        if any(h is not None for h in held):
-            if any(not isinstance(h, list) or len(h) != len(classes) for h in held):
-                raise ValueError(f"site {site}: every expert needs held counts for the {len(classes)} classes")
-            probs = combine_experts(log_probs, np.array(held, dtype=np.int64), cfg.classifier.combine)
-        else:
-            probs = np.exp(log_probs[0]) if len(log_probs) == 1 else product_of_experts(log_probs)
+        held = None
+        if len(weights) > 1 and cfg.classifier.combine == "holders":
+            held = [task.get(f"held-{name}") for name in weights]
+            bad = [name for name, h in zip(weights, held, strict=True) if not isinstance(h, list)
+                   or len(h) != len(classes) or any(type(n) is not int or n < 0 for n in h)]
+            if bad:
+                raise ValueError(f"site {site}: the evaluate message lacks held-<expert> counts (one non-negative int "
+                                 f"per class, {len(classes)} classes) for {bad[:3]}, which classifier.combine=holders "
+                                 "needs; the server and this site run different fedfactory versions?")
+        probs = np.exp(log_probs[0]) if len(log_probs) == 1 else combine_experts(log_probs, held,
+                                                                                 cfg.classifier.combine)
         labels = test.labels
     else:
         log.info("fedfactory site %s: no test folder in %s, nothing to score", site, root)

@@ -330,20 +330,27 @@ def site_round(grid: Grid, fl: FlowerConfig, got: Collected,
     never answered. A reply's site is its destination node's (error replies come from the SuperLink, node 0)."""
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
     site_of_node = {node: site for site, node in got.node_of.items()}
-    answered = [(site_of_node[node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)], r)
-                for r in replies]
+    answered = []
+    for r in replies:
+        site = site_of_node.get(node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id))
+        if site is None:  # answers no message of this round: not attributable, so not used
+            log.info("a reply from node %d answers no message of this round; ignored", r.metadata.src_node_id)
+        else:
+            answered.append((site, r))
     return answered, {site_of_node[node]: f"no reply within flower.train_timeout={fl.train_timeout}s"
                       for node in silent}
 
 
 def evaluate_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, classes: tuple[str, ...],
-                      weights: dict[str, bytes], blur: float, report: dict, experts: bool = False) -> dict:
+                      weights: dict[str, bytes], blur: float, report: dict) -> dict:
     """Send the classifier (or local mode's experts, combined at the site by classifier.combine) to every site
     that trained, sum the counts they return and compute the metrics from the sums. Records per site what was
     scored and the bytes in report["evaluation"]."""
     sites = sorted(got.node_of)
-    # Experts travel with the counts of real images they trained on (the sites' reports), which combine_experts uses.
-    held = {k: [got.counts[k].get(c, 0) for c in classes] for k in weights} if experts else None
+    # Local mode's experts travel with the counts of real images they trained on (the sites' reports), which the
+    # holders rule of combine_experts weighs by; the server's one classifier, or the product, needs none.
+    held = ({k: [got.counts[k].get(c, 0) for c in classes] for k in weights}
+            if cfg.classifier.mode == "local" and cfg.classifier.combine == "holders" else None)
     messages = [Message(classifier_content(weights, config_hash(cfg), blur, held), dst_node_id=got.node_of[site],
                         message_type=EVALUATE, ttl=fl.train_timeout) for site in sites]
     down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
@@ -441,7 +448,7 @@ def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected,
     experts = expert_round(grid, cfg, fl, got, modules, blur, out, report)
     timer.add("experts_round_trip", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    metrics = evaluate_at_sites(grid, cfg, fl, got, classes, experts, blur, report, experts=True)
+    metrics = evaluate_at_sites(grid, cfg, fl, got, classes, experts, blur, report)
     timer.add("evaluation", time.perf_counter() - t0)
     timer.add("end_to_end", time.perf_counter() - timer.start)
     sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}

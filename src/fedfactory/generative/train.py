@@ -37,6 +37,7 @@ from fedfactory.generative.aegmm import (
 from fedfactory.generative.edm import EDMParams, edm_loss, heun_sample
 from fedfactory.generative.unet import UNet
 from fedfactory.privacy.dp import (
+    PrivacyBudgetError,
     PrivacyPlan,
     latent_radius,
     noisy_gradient,
@@ -130,8 +131,12 @@ def module_privacy_plan(cfg: GeneratorConfig, privacy: PrivacyConfig, num_images
     requested steps cannot meet (call it for every module before training any)."""
     if privacy.epsilon <= 0:
         return None
-    return plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images, cfg.batch_size,
-                        planned_steps(cfg, num_images), desc, privacy.method)
+    try:
+        # The module's name stays out of plan_privacy's cache key, so planning before and during training share it.
+        return plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images, cfg.batch_size,
+                            planned_steps(cfg, num_images), privacy.method)
+    except PrivacyBudgetError as e:
+        raise PrivacyBudgetError(f"{desc}: {e}") from None
 
 
 EMBEDDING_BATCH = 128  # decoded latents per step: enough for their mean embedding to be a fair estimate

@@ -85,13 +85,13 @@ class PrivacyPlan:
 
 @functools.lru_cache(maxsize=256)  # the same module is planned before training (to refuse early) and while training
 def plan_privacy(epsilon: float, delta: float, max_grad_norm: float, num_images: int, batch_size: int,
-                 steps: int, desc: str = "module", method: str = "dp-sgd") -> PrivacyPlan:
+                 steps: int, method: str = "dp-sgd") -> PrivacyPlan:
     """The noise every mechanism needs so the module spends at most (epsilon, delta); refuses an impossible budget.
 
     Called before training: a budget that the requested steps cannot meet is an error, not a useless module.
     """
     if delta >= 1 / num_images:
-        raise PrivacyBudgetError(f"{desc}: privacy.delta={delta} is not below 1/n = 1/{num_images}, which lets a "
+        raise PrivacyBudgetError(f"privacy.delta={delta} is not below 1/n = 1/{num_images}, which lets a "
                                  f"mechanism publish an image outright; lower privacy.delta below {1 / num_images:.2g}")
     if method == "embedding":
         # One release; the decoder's steps read only it, so any number of them is free.
@@ -107,7 +107,7 @@ def plan_privacy(epsilon: float, delta: float, max_grad_norm: float, num_images:
         most = max_steps(epsilon, delta, q, stats_rdp)
         fix = (f"lower generator.steps to {most} or fewer" if most else "no number of steps is enough") + \
             " or raise privacy.epsilon"
-        raise PrivacyBudgetError(f"{desc}: privacy.epsilon={epsilon} cannot be met with {steps} DP-SGD steps at "
+        raise PrivacyBudgetError(f"privacy.epsilon={epsilon} cannot be met with {steps} DP-SGD steps at "
                                  f"sampling rate {q:.4g} ({num_images} images, batch {batch_size}) without a noise "
                                  f"multiplier above {MAX_NOISE_MULTIPLIER:g}; {fix}") from None
     spent, order = rdp_to_epsilon(sampled_gaussian_rdp(q, sigma, steps) + stats_rdp, delta)
