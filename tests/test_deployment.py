@@ -35,6 +35,7 @@ from fedfactory.cli import main  # noqa: E402
 from fedfactory.config import ConfigError, class_list, config_hash, load_config, to_toml  # noqa: E402
 from fedfactory.data.datasets import DatasetError, load_data, read_class_folders, write_class_folders  # noqa: E402
 from fedfactory.federation.factory import combine_experts, product_of_experts  # noqa: E402
+from fedfactory.federation.intake import counts_limit, load_pins  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_partition, node_site, site_data  # noqa: E402
@@ -157,7 +158,7 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
     got = collect_sites(replies, {f"ins-{n}": n for n in (*range(1, 7), 9, 10)}, cfg, class_list(CLASSES), tmp_path)
     reasons = {e["node_id"]: e["reason"] for e in got.errors}
     assert "outside data.classes" in reasons[1] and "positive integer" in reasons[2]
-    assert "site site-b reports 1099511627776 images of one class, more than" in reasons[9]
+    assert "site site-b reports 1099511627776 images of class 6, more than the limit" in reasons[9]
     assert got.site_errors["site-f"] == "x" * 2000 and len(reasons[10]) < 2100
     assert "a class twice" in reasons[3] and "not a site name" in reasons[4]
     assert [r["node_id"] for r in got.rejected] == [5, 6]
@@ -171,6 +172,23 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"site-b_class-00{c}.safetensors"
                                                                       for c in (4, 5, 6)]
     assert got.counts == {"site-b": {"4": 145, "5": 146, "6": 145}}
+    assert got.claims["site-b"].test_images == 108  # declared in the train reply, before any scoring
+    # With a pin file, only the pinned node speaks for site-b: the same reply from node 7 is refused and writes
+    # nothing; a pinned reply that resends a module with other bytes sets the kept one aside.
+    pins = tmp_path / "pins" / "federation.toml"
+    pins.parent.mkdir()
+    pins.write_text('[[site]]\nname = "site-b"\nnode_id = 8\nmax_test_images = 200\n')
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    got = collect_sites([as_reply(good, 7)], {"ins-7": 7}, cfg, class_list(CLASSES), fresh, load_pins(pins))
+    assert "site site-b is pinned to node 8" in got.errors[0]["reason"] and list(fresh.iterdir()) == []
+    (tmp_path / "site-b_class-004.safetensors").write_bytes(modules["site-b_class-005"].data)  # other bytes
+    got = collect_sites([as_reply(good, 8)], {"ins-8": 8}, cfg, class_list(CLASSES), tmp_path, load_pins(pins))
+    assert got.errors == [] and got.set_aside == [f"stale/site-b_class-004.{stale_digest(tmp_path)}.safetensors"]
+
+
+def stale_digest(modules_dir: Path) -> str:
+    return next((modules_dir / "stale").iterdir()).name.split(".")[1]
 
 
 def test_the_server_checks_the_counts_a_site_scores(tmp_path):
@@ -181,9 +199,13 @@ def test_the_server_checks_the_counts_a_site_scores(tmp_path):
     assert {k: v.tolist() for k, v in site_counts(reply, "site-a", 10).items()} == \
         {k: v.tolist() for k, v in honest.items()}
 
-    def refused(counts: dict, match: str, site: str = "site-a", **arrays):
+    def content_with(counts: dict, site: str = "site-a", **arrays):
         content = counts_content(site, "h", counts, 1.0)
         content.array_records[COUNTS].update(arrays)
+        return content
+
+    def refused(counts: dict, match: str, site: str = "site-a", **arrays):
+        content = content_with(counts, site, **arrays)
         with pytest.raises(ReplyError, match=match):
             site_counts(as_reply(content, 1), "site-a", 10)
 
@@ -199,6 +221,12 @@ def test_the_server_checks_the_counts_a_site_scores(tmp_path):
     refused(honest, "do not decode",
             confusion=Array(dtype="int64", shape=(10, 10), stype="numpy.ndarray", data=b"not npy"))
     refused({k: v for k, v in honest.items() if k != "negative"}, "counts must be exactly")
+    # More test images than the site declared before scoring, and a payload too large to be counts, never decoded.
+    with pytest.raises(ReplyError, match="scored 50 test images but declared 49 before scoring"):
+        site_counts(reply, "site-a", 10, declared=49)
+    big = Array(dtype="int64", shape=(10, 10), stype="numpy.ndarray", data=b"\0" * (counts_limit(10) + 1))
+    with pytest.raises(ReplyError, match=r"counts 'confusion': payload of \d+ bytes is over the limit"):
+        site_counts(as_reply(content_with(honest, confusion=big), 1), "site-a", 10)
 
 
 def test_local_mode_sends_a_site_its_own_modules_only_where_it_uses_them(tmp_path):

@@ -6,6 +6,7 @@ started here is stopped with its descendants.
 
 import hashlib
 import json
+import re
 import time
 import tomllib
 from pathlib import Path
@@ -20,12 +21,12 @@ from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args  # no
 
 from fedfactory.config import ConfigError, config_hash, load_config, to_toml  # noqa: E402
 from fedfactory.data.datasets import load_data  # noqa: E402
-from fedfactory.data.partition import split_clients  # noqa: E402
+from fedfactory.data.partition import class_histogram, split_clients  # noqa: E402
 from fedfactory.federation.runner import run  # noqa: E402
-from fedfactory.flower import loopback  # noqa: E402
+from fedfactory.flower import loopback, wire  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
-from fedfactory.flower.run_config import default_run_config, parse_run_config  # noqa: E402
-from fedfactory.flower.server_app import collect, exchange, expected_modules  # noqa: E402
+from fedfactory.flower.run_config import FlowerConfig, default_run_config, parse_run_config  # noqa: E402
+from fedfactory.flower.server_app import collect, exchange, expected_modules, serve  # noqa: E402
 from fedfactory.flower.wire import CLIENT, MODULE_STYPE, MODULES, task_content  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -98,6 +99,11 @@ def expected_for(cfg):
     return expected_modules(train, split_clients(cfg.data, cfg.run.seed, train), cfg.generator.min_samples)
 
 
+def histogram_for(cfg):
+    train, _ = load_data(cfg.data)
+    return class_histogram(train.labels, split_clients(cfg.data, cfg.run.seed, train), train.num_classes)
+
+
 def test_pyproject_declares_every_config_key_with_its_default():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
@@ -126,7 +132,8 @@ def test_run_config_maps_dotted_keys_and_preset_files_onto_the_config():
 
 def test_client_replies_carry_the_runners_module_bytes(reference, client_replies, tmp_path):
     cfg, out = reference
-    got = collect(client_replies, {f"ins-{100 + k}": 100 + k for k in range(3)}, cfg, expected_for(cfg), tmp_path)
+    got = collect(client_replies, {f"ins-{100 + k}": 100 + k for k in range(3)}, cfg, expected_for(cfg), tmp_path,
+                  histogram_for(cfg))
     assert got.errors == [] and got.rejected == []
     assert sorted(got.accepted) == [0, 1, 2]
     ref = module_hashes(out)
@@ -138,7 +145,7 @@ def test_client_replies_carry_the_runners_module_bytes(reference, client_replies
         assert got.wire_bytes[k] > got.module_bytes[k]
 
 
-def test_server_rejects_bad_replies_and_writes_nothing_from_them(reference, client_replies, tmp_path):
+def test_server_rejects_bad_replies_and_writes_nothing_from_them(reference, client_replies, tmp_path, monkeypatch):
     cfg, _ = reference
     good = client_replies[0].content
     mid = sorted(good.array_records[MODULES])[0]
@@ -161,19 +168,35 @@ def test_server_rejects_bad_replies_and_writes_nothing_from_them(reference, clie
         reply(4, content({}, **{"client-id": 1, "config-hash": "0" * 64})),  # ran another config
         reply(5, content({}, **{"client-id": 7})),  # no such client
     ]
-    got = collect(replies, {f"ins-{n}": n for n in range(1, 6)}, cfg, expected_for(cfg), tmp_path)
+    got = collect(replies, {f"ins-{n}": n for n in range(1, 6)}, cfg, expected_for(cfg), tmp_path, histogram_for(cfg))
     assert list(tmp_path.iterdir()) == []
     assert [r["node_id"] for r in got.rejected] == [1, 3]
     assert "hash" in got.rejected[0]["reason"] and "holds no such class" in got.rejected[1]["reason"]
     assert [(e["node_id"], e["reason"][:12]) for e in got.errors] == [
         (2, "boom"), (4, "client 1 ran"), (5, "client-id 7 ")]
     # A second node answering for a client that already answered is refused, not merged.
-    twice = collect([reply(6, good), reply(7, good)], {"ins-6": 6, "ins-7": 7}, cfg, expected_for(cfg), tmp_path)
+    twice = collect([reply(6, good), reply(7, good)], {"ins-6": 6, "ins-7": 7}, cfg, expected_for(cfg), tmp_path,
+                    histogram_for(cfg))
     assert sorted(twice.accepted) == [0] and "already answered from node 6" in twice.errors[0]["reason"]
     # A payload that is not a module file never reaches the parser.
     wrong = collect([reply(8, content({mid: array(b"\x80\x04junk", "numpy.ndarray")}))], {"ins-8": 8}, cfg,
-                    expected_for(cfg), tmp_path)
+                    expected_for(cfg), tmp_path, histogram_for(cfg))
     assert "not 'fedfactory.safetensors'" in wrong.rejected[0]["reason"]
+    # Nor does one over the module size limit (lowered here to stay small), whatever it holds.
+    monkeypatch.setattr(wire, "MAX_FILE_BYTES", len(data) - 1)
+    huge = collect([reply(9, content({mid: array(bytes(data))}))], {"ins-9": 9}, cfg, expected_for(cfg), tmp_path,
+                   histogram_for(cfg))
+    assert f"payload of {len(data)} bytes is over the limit of {len(data) - 1}" in huge.rejected[0]["reason"]
+    monkeypatch.undo()
+    # A module whose num_samples is not its cell's count in the partition is refused (a simulation knows the cells).
+    histogram = histogram_for(cfg)
+    histogram[0] += 1
+    (tmp_path / "off").mkdir()
+    off = collect([reply(10, good)], {"ins-10": 10}, cfg, expected_for(cfg), tmp_path / "off", histogram)
+    assert len(off.rejected) == len(good.array_records[MODULES]) and list((tmp_path / "off").iterdir()) == []
+    assert re.search(r"trained on (\d+) images, the partition holds (?!\1)\d+", off.rejected[0]["reason"])
+    with pytest.raises(ConfigError, match="flower.pins binds deployment sites"):
+        serve(None, cfg, FlowerConfig(pins="federation.toml"))
 
 
 def test_exchange_gives_up_on_silent_nodes_after_the_timeout(reference):

@@ -29,7 +29,8 @@ from fedfactory.federation.factory import (
     synthesize,
     trained_as_asked,
 )
-from fedfactory.generative.artifact import ModuleError, module_filename, save_module
+from fedfactory.federation.intake import module_count_reason, partition_mismatches
+from fedfactory.generative.artifact import ModuleError, module_filename, module_id, save_module
 from fedfactory.generative.train import module_privacy_plan
 from fedfactory.metrics import evaluate, format_table
 from fedfactory.registry import Module, load_registry, load_registry_file
@@ -50,8 +51,9 @@ def write_partition(cfg: Config, train: ImageDataset, parts: list[np.ndarray], o
              format_histogram(hist, train.class_names))
 
 
-def reusable_module(path: Path, cfg: Config) -> bool:
-    """A finished module from an earlier attempt is reused only if it validates and was trained as asked."""
+def reusable_module(path: Path, cfg: Config, num_samples: int | None = None) -> bool:
+    """A finished module from an earlier attempt is reused only if it validates and was trained as asked (and, given
+    num_samples, on as many images as its cell of the partition holds)."""
     if not path.exists():
         return False
     try:
@@ -62,7 +64,20 @@ def reusable_module(path: Path, cfg: Config) -> bool:
     if reason := trained_as_asked(manifest, cfg):
         log.info("retraining %s: %s", path.name, reason)
         return False
+    if num_samples is not None and (reason := module_count_reason(manifest, num_samples, "the partition holds")):
+        log.info("retraining %s: %s", path.name, reason)
+        return False
     return True
+
+
+def check_against_partition(modules: list[Module], train: ImageDataset, parts: list[np.ndarray]) -> list[Module]:
+    """The registry's modules, after checking each one's num_samples is its cell's count in the partition (a
+    module that says otherwise would weigh its class by images its client does not hold)."""
+    bad = partition_mismatches([m for m, _ in modules], class_histogram(train.labels, parts, train.num_classes))
+    if bad:
+        raise ModuleError(f"{len(bad)} modules disagree with the partition, e.g. {bad[0]}; remove them from the "
+                          "run's modules/ folder (they retrain) or run in a fresh run.out")
+    return modules
 
 
 def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path,
@@ -80,8 +95,10 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
             log.info("client %d: no module for %s (fewer than generator.min_samples=%d images)", k,
                      ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
 
-        def reuse(mid: str) -> bool:
-            if reusable_module(out / "modules" / module_filename(mid), cfg):
+        held = {module_id(k, c): n for c, n in enough.items()}
+
+        def reuse(mid: str, held=held) -> bool:
+            if reusable_module(out / "modules" / module_filename(mid), cfg, held.get(mid)):
                 log.info("reusing %s (hash checked)", module_filename(mid))
                 return True
             return False
@@ -311,6 +328,7 @@ def run(cfg: Config) -> dict:
 
     # Server mode: validate the registry, synthesize, train and evaluate the classifier.
     # Local mode: every client trains an expert on its data and the modules it receives; experts are multiplied.
-    metrics = factory_stage(cfg, load_registry(out / "modules"), parts, train, test, out, device, timer)
+    modules = check_against_partition(load_registry(out / "modules"), train, parts)
+    metrics = factory_stage(cfg, modules, parts, train, test, out, device, timer)
     log.info("report: %s", write_report(out, device=device))
     return metrics

@@ -136,6 +136,17 @@ def train_expert(msg: Message, site: str, data: ImageDataset, cfg: Config, devic
     return Message(expert_reply_content(site, config_hash(cfg), weights, seconds), reply_to=msg)
 
 
+def declared_test_images(cfg: Config, site: str, root: Path, dataset: str) -> int:
+    """The test images this site will score, declared in its train reply before any scoring: the server refuses
+    evaluation counts over more. A test folder that does not load declares 0; the evaluate message then names why."""
+    try:
+        test = site_data(cfg, root, dataset, "test")
+    except FedFactoryError as e:
+        log.info("fedfactory site %s: test folder does not load (%s); declaring 0 test images", site, e)
+        return 0
+    return 0 if test is None else len(test)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this node's modules and reply with their bytes."""
@@ -159,10 +170,11 @@ def train(msg: Message, context: Context) -> Message:
             # The site's own data is at fault: say so under the site's name, so the server can name it.
             log.info("fedfactory site %s: %s", site, e)
             return Message(site_error_content(site, config_hash(cfg), str(e)), reply_to=msg)
+        test_images = declared_test_images(cfg, site, root, dataset)
         seconds = time.perf_counter() - t0
-        log.info("fedfactory site %s: %d images of %d classes, trained %d modules, %d bytes, in %.1fs", site,
-                 len(data), len(counts), len(modules), sum(map(len, modules.values())), seconds)
-        return Message(site_reply_content(site, config_hash(cfg), counts, modules, seconds), reply_to=msg)
+        log.info("fedfactory site %s: %d images of %d classes, %d test images, trained %d modules, %d bytes, in %.1fs",
+                 site, len(data), len(counts), test_images, len(modules), sum(map(len, modules.values())), seconds)
+        return Message(site_reply_content(site, config_hash(cfg), counts, modules, seconds, test_images), reply_to=msg)
     k = node_partition(dict(context.node_config), cfg.data.num_clients)
     modules = train_modules(local_data(cfg, k), k, cfg, device, skip)
     seconds = time.perf_counter() - t0

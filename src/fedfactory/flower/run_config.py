@@ -22,6 +22,9 @@ class FlowerConfig:
     # true: every SuperNode reads its own site's data (node config `site`, `data-root`) and the server holds none;
     # false: every SuperNode takes partition `partition-id` of the dataset the run config names (simulation).
     deployment: bool = False
+    # A deployment's pin file (TOML, federation.intake.load_pins): each site's name, the SuperNode id that may speak
+    # for it, ceilings on its counts. Empty: names and counts are trusted as reported, and metrics.json says so.
+    pins: str = ""
 
 
 def flower_keys() -> list[str]:
@@ -46,6 +49,10 @@ def parse_run_config(run_config: Mapping[str, object]) -> tuple[Config, FlowerCo
         if name == "deployment":
             if not isinstance(value, bool):
                 raise ConfigError(f"{key}={value!r}: expected true or false")
+            values[name] = value
+        elif name == "pins":
+            if not isinstance(value, str):
+                raise ConfigError(f"{key}={value!r}: expected the path of a pin file (a string), or \"\" for none")
             values[name] = value
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{key}={value!r}: expected a number of seconds > 0")

@@ -11,6 +11,7 @@ round sends each site the other sites' modules (and its own where it uses them, 
 its expert, and the sites score the product of the experts the same way.
 """
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,8 +31,27 @@ from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.factory import bytes_per_client, local_synthetic_count, trained_as_asked
+from fedfactory.federation.intake import (
+    MAX_ERROR_CHARS,
+    MAX_SITE_IMAGES,
+    ClaimError,
+    Pins,
+    SiteClaim,
+    check_client_claim,
+    check_scored,
+    check_site_claim,
+    class_shares,
+    counts_limit,
+    flat_plan,
+    load_pins,
+    module_count_reason,
+    oversized,
+    stale_modules,
+    trust_record,
+)
 from fedfactory.federation.runner import (
     Score,
+    check_against_partition,
     factory_stage,
     input_blur,
     reusable_module,
@@ -55,8 +75,13 @@ from fedfactory.flower.wire import (
     task_content,
     wire_bytes,
 )
-from fedfactory.generative.artifact import ModuleError, is_site_name, module_filename, module_from_bytes, module_id
-from fedfactory.metrics import check_counts, metrics_from_counts
+from fedfactory.generative.artifact import (
+    ModuleError,
+    module_filename,
+    module_from_bytes,
+    module_id,
+)
+from fedfactory.metrics import metrics_from_counts
 from fedfactory.registry import Module, load_registry, load_registry_file, module_spec
 from fedfactory.report import write_report
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging
@@ -65,11 +90,7 @@ log = logging.getLogger("fedfactory")
 
 app = ServerApp()
 
-
-# A site's images per class, as it reports them: far beyond any real site, and small enough that the sums of counts
-# (class histograms, mixture weights) stay exact in int64.
-MAX_CLASS_IMAGES = 1 << 31
-MAX_ERROR_CHARS = 2000  # of the error text a site sends
+STALE_DIR = "stale"  # under modules/: kept modules a site's claim no longer backs, set aside, never deleted
 
 
 class ReplyError(FedFactoryError, ValueError):
@@ -88,6 +109,9 @@ class Collected:
     expected: dict[int | str, list[str]] = field(default_factory=dict)  # deployment: site -> modules its counts imply
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # deployment: site -> class name -> images
     site_errors: dict[str, str] = field(default_factory=dict)  # deployment: site -> why it delivered nothing
+    claims: dict[str, SiteClaim] = field(default_factory=dict)  # deployment: site -> its accepted train claim
+    pins: Pins | None = None  # deployment: the operator's pin file (flower.pins), None when names are trusted
+    set_aside: list[str] = field(default_factory=list)  # files moved to modules/stale/ rather than overwritten
 
 
 def expected_modules(train: ImageDataset, parts: list[np.ndarray], min_samples: int = 1) -> dict[int, list[str]]:
@@ -154,23 +178,26 @@ def train_reply_info(reply: Message):
 
 def _client_of(reply: Message, cfg: Config, got: Collected) -> int:
     """The client id a reply answers for, after checking it belongs to this run and is the first for that client."""
-    info = train_reply_info(reply)
-    k = info.get("client-id")
-    if type(k) is not int or not 0 <= k < cfg.data.num_clients:
-        raise ReplyError(f"client-id {k!r} is not a client of this run (0..{cfg.data.num_clients - 1})")
-    if k in got.accepted:
-        raise ReplyError(f"client {k} already answered from node {got.node_of[k]}; "
-                         "two SuperNodes share a partition-id")
-    if info.get("config-hash") != config_hash(cfg):
-        raise ReplyError(f"client {k} ran with a different config (hash {str(info.get('config-hash'))[:12]})")
-    return k
+    return check_client_claim(dict(train_reply_info(reply)), num_clients=cfg.data.num_clients,
+                              config_hash=config_hash(cfg), answered=got.node_of)
+
+
+def set_aside(path: Path, modules_dir: Path, got: Collected) -> None:
+    """Move a kept module out of the registry to modules/stale/, under its file's hash, so nothing written is lost
+    on a claim the server cannot authenticate (a file that no longer validates is kept as well)."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    (modules_dir / STALE_DIR).mkdir(exist_ok=True)
+    target = modules_dir / STALE_DIR / f"{path.stem}.{digest}{path.suffix}"
+    path.replace(target)
+    got.set_aside.append(str(target.relative_to(modules_dir)))
 
 
 def take_modules(reply: Message, node: int, k: int | str, expected: list[str] | tuple, cfg: Config, modules_dir: Path,
-                 got: Collected, counts: dict[int, int] | None = None) -> None:
+                 got: Collected, counts: dict[int, int], whose: str) -> None:
     """Validate every module of a reply with the registry's loader; write the good ones, record the rest.
 
-    `counts` (deployment): class id -> the images the site reported; a module must say the same.
+    `counts`: class id -> the images of the sender's cell (the site's report, or the partition in a simulation);
+    a module must say the same. `whose` names that source in the refusal.
     """
     for mid, array in reply.content.array_records[MODULES].items():
         source = f"node {node} client {k} module {mid[:40]!r}"
@@ -178,21 +205,23 @@ def take_modules(reply: Message, node: int, k: int | str, expected: list[str] | 
             # Only ids the server expects from this client: this also keeps any path out of file names.
             if mid not in expected:
                 raise ModuleError(f"{source}: client {k} holds no such class in this run's partition"
-                                  if counts is None else f"{source}: site {k} reported no such class")
+                                  if isinstance(k, int) else f"{source}: site {k} reported no such class")
             data = module_bytes(array, source)
             manifest, _ = module_from_bytes(data, source, expected=module_spec)
             if manifest["module_id"] != mid:
                 raise ModuleError(f"{source}: its manifest says {manifest['module_id']}")
-            if counts is not None and manifest["num_samples"] != counts.get(manifest["class_id"]):
-                raise ModuleError(f"{source}: trained on {manifest['num_samples']} images, the site reported "
-                                  f"{counts.get(manifest['class_id'])}")
+            if reason := module_count_reason(manifest, counts.get(manifest["class_id"]), whose):
+                raise ModuleError(f"{source}: {reason}")
             if reason := trained_as_asked(manifest, cfg):
                 raise ModuleError(f"{source}: {reason}")
         except ModuleError as e:
             got.rejected.append({"node_id": node, "client_id": k, "module_id": mid[:40], "reason": str(e)})
             log.info("rejected: %s", e)
             continue
-        atomic_write_bytes(modules_dir / module_filename(mid), data)
+        path = modules_dir / module_filename(mid)
+        if path.exists() and path.read_bytes() != data:
+            set_aside(path, modules_dir, got)
+        atomic_write_bytes(path, data)
         got.accepted[k].append(mid)
         got.module_bytes[k] += len(data)
 
@@ -207,8 +236,8 @@ def identified(replies: list[Message], node_of: dict[str, int], got: Collected, 
             log.info("node %d failed: %s", node, reply.error.reason)
             continue
         try:
-            sender = identify(reply)
-        except ReplyError as e:
+            sender = identify(reply, node)
+        except (ReplyError, ClaimError) as e:
             got.errors.append({"node_id": node, "reason": str(e)})
             log.info("node %d: reply refused: %s", node, e)
             continue
@@ -220,11 +249,15 @@ def identified(replies: list[Message], node_of: dict[str, int], got: Collected, 
 
 
 def collect(replies: list[Message], node_of: dict[str, int], cfg: Config, expected: dict[int, list[str]],
-            modules_dir: Path) -> Collected:
-    """Validate every module in the replies with the registry's loader; write the good ones, report the rest."""
+            modules_dir: Path, histogram: np.ndarray) -> Collected:
+    """Validate every module in the replies with the registry's loader; write the good ones, report the rest.
+
+    `histogram` (clients, classes): the partition's images per cell, which every module's num_samples must equal.
+    """
     got = Collected()
-    for node, reply, k in identified(replies, node_of, got, lambda reply: _client_of(reply, cfg, got)):
-        take_modules(reply, node, k, expected.get(k, ()), cfg, modules_dir, got)
+    for node, reply, k in identified(replies, node_of, got, lambda reply, node: _client_of(reply, cfg, got)):
+        cells = {c: int(n) for c, n in enumerate(histogram[k])}
+        take_modules(reply, node, k, expected.get(k, ()), cfg, modules_dir, got, cells, "the partition holds")
         log.info("client %d (node %d): %d modules accepted, %d module bytes, %d bytes on the wire", k, node,
                  len(got.accepted[k]), got.module_bytes[k], got.wire_bytes[k])
     return got
@@ -248,63 +281,44 @@ def failure_report(got: Collected, expected: dict[int, list[str]], present: set[
     }
 
 
-def _site_of(reply: Message, cfg: Config, classes: tuple[str, ...], got: Collected) -> tuple[str, dict[int, int]]:
-    """The site a deployment reply answers for and its images per class id, after checking what it claims."""
-    info = train_reply_info(reply)
-    site = info.get("site")
-    if not is_site_name(site):
-        raise ReplyError(f"site {str(site)[:40]!r} is not a site name (lowercase letters, digits, dashes)")
-    if site in got.node_of or site in got.site_errors:
-        raise ReplyError(f"site {site} already answered from node {got.node_of.get(site)}; two SuperNodes share "
-                         "a site name: give every SuperNode its own --node-config site")
-    if info.get("config-hash") != config_hash(cfg):
-        raise ReplyError(f"site {site} ran with a different config (hash {str(info.get('config-hash'))[:12]})")
-    if isinstance(info.get("error"), str):
-        got.site_errors[site] = info["error"][:MAX_ERROR_CHARS]  # a site's text goes into the log and metrics.json
-        raise ReplyError(f"site {site} failed: {got.site_errors[site]}")
-    names, counts = info.get("classes"), info.get("counts")
-    if not isinstance(names, list) or not isinstance(counts, list) or len(names) != len(counts) or not names:
-        raise ReplyError(f"site {site} sent no class counts (classes and counts must be equal-length lists)")
-    unknown = [str(n)[:40] for n in names if n not in classes]
-    if unknown:
-        raise ReplyError(f"site {site} reports classes {unknown} outside data.classes={','.join(classes)!r}")
-    if len(set(names)) != len(names):
-        raise ReplyError(f"site {site} reports a class twice: {names}")
-    if any(type(n) is not int or n <= 0 for n in counts):
-        raise ReplyError(f"site {site} reports counts {counts[:10]}: each must be a positive integer")
-    if max(counts) > MAX_CLASS_IMAGES:
-        raise ReplyError(f"site {site} reports {max(counts)} images of one class, more than {MAX_CLASS_IMAGES}; "
-                         "its counts weight the synthesis mixture, so they are bounded")
-    return site, {classes.index(name): n for name, n in zip(names, counts, strict=True)}
+def _site_of(reply: Message, node: int, cfg: Config, classes: tuple[str, ...], got: Collected) -> SiteClaim:
+    """The site a deployment reply answers for and what it claims, after checking the claim (intake)."""
+    claim = check_site_claim(dict(train_reply_info(reply)), node, config_hash=config_hash(cfg), classes=classes,
+                             answered=got.node_of | {s: None for s in got.site_errors}, pins=got.pins)
+    if claim.error is not None:
+        got.site_errors[claim.site] = claim.error  # a site's text goes into the log and metrics.json
+        raise ReplyError(f"site {claim.site} failed: {claim.error}")
+    return claim
 
 
 def collect_sites(replies: list[Message], node_of: dict[str, int], cfg: Config, classes: tuple[str, ...],
-                  modules_dir: Path) -> Collected:
-    """A deployment's train replies: each site's counts (validated) and the modules they imply, checked and
-    written as `collect` does."""
-    got = Collected()
-    claims = {}
+                  modules_dir: Path, pins: Pins | None = None) -> Collected:
+    """A deployment's train replies: each site's counts (validated, against the pins if any) and the modules they
+    imply, checked and written as `collect` does."""
+    got = Collected(pins=pins)
 
-    def claim(reply: Message) -> str:
-        site, held = _site_of(reply, cfg, classes, got)
-        claims[site] = held
-        return site
+    def claim(reply: Message, node: int) -> str:
+        accepted = _site_of(reply, node, cfg, classes, got)
+        got.claims[accepted.site] = accepted
+        return accepted.site
 
     for node, reply, site in identified(replies, node_of, got, claim):
-        held = claims[site]
+        held = got.claims[site].counts
         got.counts[site] = {classes[c]: n for c, n in sorted(held.items())}
         hist = np.zeros(len(classes), dtype=np.int64)
         hist[list(held)] = list(held.values())
         got.expected[site] = [module_id(site, c) for _, c in implied_cells(hist, cfg.generator.min_samples)]
-        take_modules(reply, node, site, got.expected[site], cfg, modules_dir, got, counts=held)
+        take_modules(reply, node, site, got.expected[site], cfg, modules_dir, got, held, "the site reported")
         log.info("site %s (node %d): %d images of %d classes, %d modules accepted, %d module bytes, %d bytes on "
                  "the wire", site, node, sum(held.values()), len(held), len(got.accepted[site]),
                  got.module_bytes[site], got.wire_bytes[site])
     return got
 
 
-def site_counts(reply: Message, site: str, num_classes: int) -> dict[str, np.ndarray]:
-    """The counts an evaluate reply carries, after checking them as metrics.check_counts does."""
+def site_counts(reply: Message, site: str, num_classes: int, declared: int | None = None,
+                pins: Pins | None = None) -> dict[str, np.ndarray]:
+    """The counts an evaluate reply carries, after checking them (intake.check_scored): what metrics.check_counts
+    accepts, over no more test images than the site declared in its train reply nor its pin allows."""
     if reply.has_error():
         raise ReplyError(reply.error.reason)
     info, arrays = reply.content.config_records.get(CLIENT), reply.content.array_records.get(COUNTS)
@@ -314,14 +328,17 @@ def site_counts(reply: Message, site: str, num_classes: int) -> dict[str, np.nda
     for key, array in arrays.items():
         if not isinstance(array, Array) or array.stype != "numpy.ndarray":
             raise ReplyError(f"site {site}: counts {key[:40]!r} is not a numpy array")
+        if reason := oversized(len(array.data), counts_limit(num_classes), f"site {site}: counts {key[:40]!r}"):
+            raise ReplyError(reason)
         try:
             counts[key] = array.numpy()  # np.load without pickle; the declared shape is not trusted
         except (ValueError, OSError, EOFError) as e:
             raise ReplyError(f"site {site}: counts {key[:40]!r} do not decode ({e})") from None
+    pin = pins.of(site) if pins is not None else None
     try:
-        return check_counts(counts, num_classes)
-    except ValueError as e:
-        raise ReplyError(f"site {site}: {e}") from None
+        return check_scored(counts, num_classes, site, MAX_SITE_IMAGES if declared is None else declared, pin)
+    except ClaimError as e:
+        raise ReplyError(str(e)) from None
 
 
 def site_round(grid: Grid, fl: FlowerConfig, got: Collected,
@@ -356,21 +373,25 @@ def evaluate_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected,
     down = {site: wire_bytes(m) for site, m in zip(sites, messages, strict=True)}
     answered, failed = site_round(grid, fl, got, messages)
     total = None
-    scored, up = {}, {}
+    scored, up, per_site = {}, {}, {}
     for site, reply in answered:
         try:
-            counts = site_counts(reply, site, len(classes))
+            counts = site_counts(reply, site, len(classes), got.claims[site].test_images, got.pins)
         except ReplyError as e:
             failed[site] = str(e)
             log.info("site %s: evaluation failed: %s", site, e)
             continue
         up[site] = wire_bytes(reply)
         scored[site] = int(counts["confusion"].sum())
+        # Each site's own metrics beside the pooled ones: a site that sways the headline shows here.
+        per_site[site] = metrics_from_counts(**counts, class_names=classes)
         total = counts if total is None else {k: total[k] + v for k, v in counts.items()}
         log.info("site %s scored %d test images", site, scored[site])
     if total is None:
         raise RuntimeError(f"no site returned evaluation counts; failures: {failed}")
     report["evaluation"] = {"sites": dict(sorted(scored.items())), "failed_sites": dict(sorted(failed.items())),
+                            "declared_test_images": {s: got.claims[s].test_images for s in sites},
+                            "per_site": dict(sorted(per_site.items())),
                             "bytes_down": down, "bytes_up": dict(sorted(up.items()))}
     return metrics_from_counts(**total, class_names=classes)
 
@@ -469,20 +490,16 @@ def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected,
     return metrics
 
 
-def remove_stale_modules(modules_dir: Path, got: Collected) -> list[str]:
-    """Delete earlier attempts' modules that a site's reply no longer backs (the class is gone from its data, or it
-    holds a different number of images now): they would stand for data the site does not have."""
-    stale = []
-    for path in sorted(modules_dir.glob("*.safetensors")):
-        m = load_registry_file(path).manifest
-        site = m["client_id"]
-        if site in got.counts and (m["module_id"] not in got.expected[site]
-                                   or got.counts[site].get(m["class_name"]) != m["num_samples"]):
-            log.info("removing %s: site %s now reports %s images of class %s, the module was trained on %d",
-                     path.name, site, got.counts[site].get(m["class_name"], 0), m["class_name"], m["num_samples"])
-            path.unlink()
-            stale.append(m["module_id"])
-    return stale
+def set_aside_stale_modules(modules_dir: Path, got: Collected) -> list[str]:
+    """Move earlier attempts' modules that a site's accepted claim no longer backs (intake.stale_modules) to
+    modules/stale/: they would stand for data the site does not have, and the claim may not be the site's own."""
+    kept = {p: load_registry_file(p).manifest for p in sorted(modules_dir.glob("*.safetensors"))}
+    stale = {s.module_id: s for s in stale_modules(list(kept.values()), got.counts, got.expected)}
+    for path, m in kept.items():
+        if m["module_id"] in stale:
+            log.info("setting %s aside in %s/: %s", path.name, STALE_DIR, stale[m["module_id"]].reason)
+            set_aside(path, modules_dir, got)
+    return sorted(stale)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -496,6 +513,7 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
         raise ConfigError("reference.centralized=true pools the sites' real training data, which a deployment's "
                           "server never holds; set reference.centralized=false")
     classes = class_list(cfg.data.classes)
+    pins = load_pins(fl.pins) if fl.pins else None  # refused before anything is written
     check_run_dir(cfg)
     device, timer = select_device(cfg.run.device, cfg.run.threads), Timer()
     out = prepare_run_dir(cfg).resolve()
@@ -515,8 +533,8 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     train_down = wire_bytes(messages[0])
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
     timer.add("clients_round_trip", time.perf_counter() - t0)
-    got = collect_sites(replies, node_of, cfg, classes, out / "modules")
-    stale = remove_stale_modules(out / "modules", got)
+    got = collect_sites(replies, node_of, cfg, classes, out / "modules", pins)
+    stale = set_aside_stale_modules(out / "modules", got)
     for node in silent:
         got.errors.append({"node_id": node, "reason": f"no reply within flower.train_timeout={fl.train_timeout}s"})
     if got.train_seconds:
@@ -544,8 +562,11 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
             "bytes_down_on_wire": {s: train_down for s in sites},
             "module_bytes_received": {s: got.module_bytes[s] for s in sites},
             "site_counts": {s: got.counts[s] for s in sites},
+            # Removed from the registry, not deleted: the files are under modules/stale/ (stale_modules_set_aside).
             "stale_modules_removed": stale,
+            "stale_modules_set_aside": got.set_aside,
         },
+        "trust": trust_record(pins, sites),
     }
     for site, reason in report["failed_sites"].items():
         log.info("site %s delivered no modules: %s", site, reason)
@@ -555,6 +576,8 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
         score = score_at_sites(grid, cfg, fl, got, classes, report)
         metrics = server_stage(cfg, modules, classes, score, out, device, timer, test_name="the sites' test folders")
     metrics |= report
+    metrics["site_shares"] = class_shares(got.counts, flat_plan(metrics.get("synthesis_plan", {})),
+                                          [m for m, _ in modules], classes)
     atomic_write_json(out / "metrics.json", metrics)
     log.info("report: %s", write_report(out, device=device))
     return metrics
@@ -564,6 +587,9 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     """The whole server side of a Flower run; returns the metrics written to metrics.json."""
     if fl.deployment:
         return serve_sites(grid, cfg, fl)
+    if fl.pins:
+        raise ConfigError("flower.pins binds deployment sites to SuperNodes; a simulation checks every module against "
+                          "the partition instead: set flower.deployment=true or leave flower.pins empty")
     if cfg.classifier.mode != "server":
         # "local" mode's second round (expert_round) is implemented for a deployment's sites only.
         raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} runs with `fedfactory run` or in a deployment "
@@ -571,8 +597,10 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     # The data and the partition give partition.json, the modules to expect and the evaluation.
     out, device, timer, train, test, parts = start_run(cfg, kind="flower run")
     expected = expected_modules(train, parts, cfg.generator.min_samples)
-    have = [mid for mids in expected.values() for mid in mids
-            if reusable_module(out / "modules" / module_filename(mid), cfg)]
+    histogram = class_histogram(train.labels, parts, train.num_classes)
+    # A kept module is reused only if it was trained on its cell's images (intake.module_count_reason).
+    have = [module_id(k, c) for k, c in implied_cells(histogram, cfg.generator.min_samples)
+            if reusable_module(out / "modules" / module_filename(module_id(k, c)), cfg, int(histogram[k, c]))]
     if have:
         log.info("reusing %d modules from an earlier attempt (hash checked); clients skip them", len(have))
 
@@ -583,7 +611,7 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
                         ttl=fl.train_timeout) for n in nodes]
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
     timer.add("clients_round_trip", time.perf_counter() - t0)
-    got = collect(replies, node_of, cfg, expected, out / "modules")
+    got = collect(replies, node_of, cfg, expected, out / "modules", histogram)
     for node in silent:
         got.errors.append({"node_id": node, "reason": f"no reply within flower.train_timeout={fl.train_timeout}s"})
         log.info("node %d: no reply within %.0fs", node, fl.train_timeout)
@@ -591,7 +619,7 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
         timer.add("client_training", sum(got.train_seconds.values()))
 
     # Server: the registry is the directory, loaded and validated as in `fedfactory run`.
-    modules = load_registry(out / "modules")
+    modules = check_against_partition(load_registry(out / "modules"), train, parts)
     if not modules:
         raise RuntimeError(f"no client delivered a module, nothing to synthesize from; errors: {got.errors}")
     report = failure_report(got, expected, {m["module_id"] for m, _ in modules}, nodes)
@@ -601,6 +629,10 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     metrics = factory_stage(cfg, modules, parts, train, test, out, device, timer)
     # server_stage has written metrics.json; this atomic rewrite adds the keys only a federated run has.
     metrics |= report
+    counts = {str(k): {train.class_names[c]: int(n) for c, n in enumerate(row) if n} for k, row in enumerate(histogram)}
+    metrics["trust"] = trust_record(None, sorted(counts), simulation=True)
+    metrics["site_shares"] = class_shares(counts, flat_plan(metrics["synthesis_plan"]), [m for m, _ in modules],
+                                          train.class_names)
     atomic_write_json(out / "metrics.json", metrics)
     log.info("report: %s", write_report(out, device=device))
     return metrics

@@ -11,6 +11,7 @@ large modules stream; the custom stype keeps Flower from ever calling `np.load` 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedfactory.federation.intake import oversized
 from fedfactory.generative.artifact import MAX_FILE_BYTES, ModuleError
 
 MODULE_STYPE = "fedfactory.safetensors"
@@ -34,9 +35,12 @@ def module_bytes(array: object, source: str) -> bytes:
     if not isinstance(array, Array) or array.stype != MODULE_STYPE or array.dtype != "uint8":
         what = f"stype {array.stype!r}" if isinstance(array, Array) else type(array).__name__
         raise ModuleError(f"{source}: payload is {what}, not {MODULE_STYPE!r}; send module_to_bytes output")
-    if len(array.data) > MAX_FILE_BYTES or tuple(array.shape) != (len(array.data),):
+    # The size is checked before a byte is parsed: module_from_bytes reads the header of whatever it is given.
+    if reason := oversized(len(array.data), MAX_FILE_BYTES, source):
+        raise ModuleError(f"{reason}; send module_to_bytes output")
+    if tuple(array.shape) != (len(array.data),):
         raise ModuleError(f"{source}: payload shape {tuple(array.shape)} does not describe its {len(array.data)} "
-                          f"bytes or is over {MAX_FILE_BYTES}; send module_to_bytes output")
+                          "bytes; send module_to_bytes output")
     return bytes(array.data)
 
 
@@ -60,6 +64,9 @@ def classifier_bytes(record: ArrayRecord) -> dict[str, bytes]:
     for name, array in record.items():
         if not isinstance(array, Array) or array.stype != CLASSIFIER_STYPE:
             raise ValueError(f"{name[:40]!r} is not a {CLASSIFIER_STYPE!r} payload")
+        # A classifier is bounded as a module file is, before safetensors reads its header.
+        if reason := oversized(len(array.data), MAX_FILE_BYTES, f"classifier {name[:40]!r}"):
+            raise ValueError(reason)
         out[name] = bytes(array.data)
     return out
 
@@ -77,10 +84,11 @@ def expert_reply_content(site: str, config_hash: str, weights: bytes, seconds: f
 
 
 def site_reply_content(site: str, config_hash: str, counts: dict[str, int], modules: dict[str, bytes],
-                       train_seconds: float) -> RecordDict:
-    """A deployment site's train reply: its name, its images per class (class name -> count), its modules."""
+                       train_seconds: float, test_images: int = 0) -> RecordDict:
+    """A deployment site's train reply: its name, its images per class (class name -> count), its modules, and the
+    test images it will score (declared before scoring, so the server can bound its evaluation counts)."""
     info = ConfigRecord({"site": site, "config-hash": config_hash, "train-seconds": train_seconds,
-                         "classes": list(counts), "counts": list(counts.values())})
+                         "classes": list(counts), "counts": list(counts.values()), "test-images": test_images})
     return RecordDict({MODULES: ArrayRecord({mid: module_array(data) for mid, data in modules.items()}),
                        CLIENT: info})
 

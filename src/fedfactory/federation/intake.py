@@ -1,0 +1,302 @@
+"""What the server accepts from a site, and why: pure functions over plain values, so the rules are tested without
+the transport (tests/test_intake.py plays the dishonest site).
+
+A site's name, its images per class and its test images are claims. Without a pin file they are trusted as
+reported, within MAX_SITE_IMAGES; with one (flower.pins, `load_pins`), each site's name is bound to the SuperNode id
+the SuperLink authenticated, and its counts to the operator's ceilings. The server_app does the round trips and
+calls these functions; the in-process runner calls `partition_mismatches`.
+"""
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedfactory.config import ConfigError
+from fedfactory.errors import FedFactoryError
+from fedfactory.generative.artifact import is_site_name
+from fedfactory.metrics import NUM_BINS, check_counts
+
+# A site's images of one class or of its test set, as it reports them: far beyond any real site, and small enough
+# that sums of counts (class histograms, mixture weights, confusion matrices) stay exact in int64.
+MAX_SITE_IMAGES = 1 << 31
+MAX_ERROR_CHARS = 2000  # of the error text a site sends, kept in the log and metrics.json
+NPY_HEADER_BYTES = 4096  # an .npy header is 128 bytes for these arrays; anything far larger is not a counts array
+TRUSTED_NOTE = ("no pin file (flower.pins): site names, images per class and test images were trusted as reported, "
+                f"within {MAX_SITE_IMAGES} each")
+PIN_KEYS = {"name": str, "node_id": int, "max_images_per_class": int, "max_test_images": int}
+PIN_FIX = ("write one [[site]] table per site with name = \"hospital-a\", node_id = <the id `flwr supernode ls` "
+           "shows for its registered key>, optional max_images_per_class and max_test_images (positive integers)")
+
+
+class ClaimError(FedFactoryError, ValueError):
+    """A site's reply claims what the server does not accept; none of it is used."""
+
+
+class PinError(ConfigError):
+    """A pin file the server cannot use."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One site of the federation as the operator pins it."""
+
+    name: str
+    node_id: int  # the SuperNode id the SuperLink assigned to the site's registered public key
+    max_images_per_class: int | None = None
+    max_test_images: int | None = None
+
+
+@dataclass(frozen=True)
+class Pins:
+    path: str
+    sites: tuple[Pin, ...]
+
+    def of(self, name: str) -> Pin | None:
+        return next((p for p in self.sites if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class SiteClaim:
+    """A deployment site's train reply, accepted: its images per class id, its test images, or the error it sent."""
+
+    site: str
+    counts: dict[int, int]  # class id -> images
+    test_images: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Stale:
+    module_id: str
+    site: str
+    reason: str
+
+
+def parse_pins(doc: object, source: str) -> Pins:
+    """The pins of a parsed pin file; PinError naming the file, the key and the fix."""
+    if not isinstance(doc, dict) or set(doc) != {"site"} or not isinstance(doc["site"], list) or not doc["site"]:
+        keys = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+        raise PinError(f"{source}: expected only [[site]] tables, got {keys}; {PIN_FIX}")
+    pins = []
+    for i, table in enumerate(doc["site"]):
+        where = f"{source}: site {i + 1}"
+        if not isinstance(table, dict):
+            raise PinError(f"{where} is not a table; {PIN_FIX}")
+        unknown = sorted(set(table) - set(PIN_KEYS))
+        if unknown:
+            raise PinError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(PIN_KEYS)}")
+        for key in ("name", "node_id"):
+            if key not in table:
+                raise PinError(f"{where}: missing key {key!r}; {PIN_FIX}")
+        for key, kind in PIN_KEYS.items():
+            value = table.get(key)
+            if value is not None and (type(value) is not kind or (kind is int and value <= 0)):
+                raise PinError(f"{where}: {key}={value!r} must be a {'positive integer' if kind is int else 'string'}")
+        if not is_site_name(table["name"]):
+            raise PinError(f"{where}: name={table['name']!r} is not a site name (lowercase letters, digits, dashes, "
+                           "starting with a letter); use the SuperNode's --node-config site")
+        for key in ("max_images_per_class", "max_test_images"):
+            if table.get(key, 0) > MAX_SITE_IMAGES:
+                raise PinError(f"{where}: {key}={table[key]} is over {MAX_SITE_IMAGES}; give a real ceiling")
+        pins.append(Pin(**table))
+    for key in ("name", "node_id"):
+        seen = [getattr(p, key) for p in pins]
+        twice = sorted({v for v in seen if seen.count(v) > 1}, key=str)
+        if twice:
+            raise PinError(f"{source}: {key} {twice[0]!r} is pinned twice; every site has its own name and node_id")
+    return Pins(source, tuple(pins))
+
+
+def load_pins(path: str | Path) -> Pins:
+    """Read and check a pin file (TOML)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PinError(f"flower.pins={str(path)!r}: no such file; write the pin file or leave flower.pins empty")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PinError(f"{path}: not valid TOML ({e}); {PIN_FIX}") from None
+    return parse_pins(doc, str(path))
+
+
+def check_identity(site: str, node_id: int, pins: Pins | None) -> Pin | None:
+    """The pin of a site speaking from node_id; ClaimError if the pin file names another node or not this site."""
+    if pins is None:
+        return None
+    pin = pins.of(site)
+    if pin is None:
+        raise ClaimError(f"site {site} (node {node_id}) is not in the pin file {pins.path}; add a [[site]] table "
+                         "for it or stop that SuperNode")
+    if pin.node_id != node_id:
+        raise ClaimError(f"site {site} is pinned to node {pin.node_id} in {pins.path}, node {node_id} may not speak "
+                         "for it; an impostor, or the site re-registered its key: update its node_id")
+    return pin
+
+
+def check_site_claim(info: dict, node_id: int, *, config_hash: str, classes: tuple[str, ...],
+                     answered: dict[str, int], pins: Pins | None = None) -> SiteClaim:
+    """A deployment site's train reply (its ConfigRecord as a dict), checked against the run and the pins.
+
+    `answered`: site -> node of the sites already accepted (or failed) in this round.
+    """
+    site = info.get("site")
+    if not is_site_name(site):
+        raise ClaimError(f"site {str(site)[:40]!r} is not a site name (lowercase letters, digits, dashes)")
+    pin = check_identity(site, node_id, pins)
+    if site in answered:
+        raise ClaimError(f"site {site} already answered from node {answered[site]}; two SuperNodes share a site "
+                         "name: give every SuperNode its own --node-config site")
+    if info.get("config-hash") != config_hash:
+        raise ClaimError(f"site {site} ran with a different config (hash {str(info.get('config-hash'))[:12]})")
+    if isinstance(info.get("error"), str):
+        return SiteClaim(site, {}, 0, info["error"][:MAX_ERROR_CHARS])
+    names, counts = info.get("classes"), info.get("counts")
+    if not isinstance(names, list) or not isinstance(counts, list) or len(names) != len(counts) or not names:
+        raise ClaimError(f"site {site} sent no class counts (classes and counts must be equal-length lists)")
+    unknown = [str(n)[:40] for n in names if n not in classes]
+    if unknown:
+        raise ClaimError(f"site {site} reports classes {unknown} outside data.classes={','.join(classes)!r}")
+    if len(set(names)) != len(names):
+        raise ClaimError(f"site {site} reports a class twice: {names}")
+    if any(type(n) is not int or n <= 0 for n in counts):
+        raise ClaimError(f"site {site} reports counts {counts[:10]}: each must be a positive integer")
+    ceiling = pin.max_images_per_class if pin and pin.max_images_per_class else MAX_SITE_IMAGES
+    if max(counts) > ceiling:
+        cls = names[counts.index(max(counts))]
+        where = f"its pinned max_images_per_class in {pins.path}" if ceiling != MAX_SITE_IMAGES else "the limit"
+        raise ClaimError(f"site {site} reports {max(counts)} images of class {cls}, more than {where} ({ceiling}); "
+                         "its counts weight the synthesis mixture, so they are bounded")
+    test = info.get("test-images", 0)
+    test_ceiling = pin.max_test_images if pin and pin.max_test_images else MAX_SITE_IMAGES
+    if type(test) is not int or test < 0:
+        raise ClaimError(f"site {site} declares test-images={str(test)[:20]}: expected a non-negative integer")
+    if test > test_ceiling:
+        where = f"its pinned max_test_images in {pins.path}" if test_ceiling != MAX_SITE_IMAGES else "the limit"
+        raise ClaimError(f"site {site} declares {test} test images, more than {where} ({test_ceiling}); its "
+                         "evaluation counts add to the pooled metrics, so they are bounded")
+    return SiteClaim(site, {classes.index(n): c for n, c in zip(names, counts, strict=True)}, test)
+
+
+def check_client_claim(info: dict, *, num_clients: int, config_hash: str, answered: dict[int, int]) -> int:
+    """A simulation client's train reply: the client id it answers for, first for that client, same config."""
+    k = info.get("client-id")
+    if type(k) is not int or not 0 <= k < num_clients:
+        raise ClaimError(f"client-id {k!r} is not a client of this run (0..{num_clients - 1})")
+    if k in answered:
+        raise ClaimError(f"client {k} already answered from node {answered[k]}; two SuperNodes share a partition-id")
+    if info.get("config-hash") != config_hash:
+        raise ClaimError(f"client {k} ran with a different config (hash {str(info.get('config-hash'))[:12]})")
+    return k
+
+
+def check_scored(counts: dict, num_classes: int, site: str, declared: int, pin: Pin | None = None) -> dict:
+    """A site's evaluation counts: what metrics.check_counts accepts, over no more test images than the site declared
+    before scoring (its train reply) nor its pinned max_test_images."""
+    try:
+        counts = check_counts(counts, num_classes)
+    except ValueError as e:
+        raise ClaimError(f"site {site}: {e}") from None
+    total = int(counts["confusion"].sum())
+    if total > declared:
+        raise ClaimError(f"site {site} scored {total} test images but declared {declared} before scoring; its counts "
+                         "are not used")
+    if pin is not None and pin.max_test_images is not None and total > pin.max_test_images:
+        raise ClaimError(f"site {site} scored {total} test images, more than its pinned max_test_images "
+                         f"({pin.max_test_images}); its counts are not used")
+    return counts
+
+
+def oversized(nbytes: int, limit: int, source: str) -> str | None:
+    """Why a payload of nbytes is refused before it is decoded, or None."""
+    return f"{source}: payload of {nbytes} bytes is over the limit of {limit} bytes" if nbytes > limit else None
+
+
+def counts_limit(num_classes: int, num_bins: int = NUM_BINS) -> int:
+    """The largest .npy payload one evaluation counts array may be: int64 (C, max(C, bins)) plus its header."""
+    return 8 * num_classes * max(num_classes, num_bins) + NPY_HEADER_BYTES
+
+
+def module_count_reason(manifest: dict, expected: int | None, whose: str) -> str | None:
+    """Why a module's num_samples disagrees with the images `whose` (the site's report, the partition) gives its
+    cell, or None."""
+    if manifest["num_samples"] != expected:
+        return f"trained on {manifest['num_samples']} images, {whose} {expected}"
+    return None
+
+
+def partition_mismatches(manifests: list[dict], histogram: np.ndarray) -> list[str]:
+    """Simulation: the modules whose num_samples is not the partition's count of their cell (client, class)."""
+    bad = []
+    for m in manifests:
+        k, c = m["client_id"], m["class_id"]
+        inside = type(k) is int and 0 <= k < histogram.shape[0] and 0 <= c < histogram.shape[1]
+        expected = int(histogram[k, c]) if inside else None
+        if reason := module_count_reason(m, expected, "the partition holds"):
+            bad.append(f"{m['module_id']}: {reason}")
+    return bad
+
+
+def stale_modules(kept: list[dict], counts: dict[str, dict[str, int]],
+                  expected: dict[str, list[str]]) -> list[Stale]:
+    """Kept modules that an accepted claim no longer backs: the class is gone from the site's report, or it reports
+    a different number of images now. The server sets them aside, never deletes them: without pins the claim is
+    unauthenticated, and with pins only the pinned node's claim is accepted at all (check_site_claim)."""
+    stale = []
+    for m in kept:
+        site = m["client_id"]
+        if site not in counts:
+            continue
+        now = counts[site].get(m["class_name"], 0)
+        if m["module_id"] not in expected[site] or now != m["num_samples"]:
+            reason = (f"site {site} now reports {now} images of class {m['class_name']}, the module was trained on "
+                      f"{m['num_samples']}")
+            stale.append(Stale(m["module_id"], site, reason))
+    return stale
+
+
+def class_shares(counts: dict[str, dict[str, int]], plan: dict[str, int], manifests: list[dict],
+                 classes: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """Site -> class -> its reported images, its share of the class's images, the synthetic images its modules
+    contributed and their share of the class's synthetic images: how much each site weighs in each class."""
+    owner = {m["module_id"]: (str(m["client_id"]), m["class_name"]) for m in manifests}
+    synthetic: dict[tuple[str, str], int] = {}
+    for mid, n in plan.items():
+        if mid in owner:
+            synthetic[owner[mid]] = synthetic.get(owner[mid], 0) + int(n)
+    real_total = {c: sum(site.get(c, 0) for site in counts.values()) for c in classes}
+    synth_total = {c: sum(n for (_, cls), n in synthetic.items() if cls == c) for c in classes}
+    out = {}
+    for site in sorted(counts):
+        rows = {}
+        for c in classes:
+            images, made = counts[site].get(c, 0), synthetic.get((site, c), 0)
+            if images or made:
+                rows[c] = {"images": images, "image_share": images / real_total[c] if real_total[c] else 0.0,
+                           "synthetic": made, "synthetic_share": made / synth_total[c] if synth_total[c] else 0.0}
+        out[site] = rows
+    return out
+
+
+def flat_plan(plan: dict) -> dict[str, int]:
+    """A synthesis plan as module id -> images: server mode's as is, local mode's (receiver -> plan) summed."""
+    if all(isinstance(v, dict) for v in plan.values()):
+        total: dict[str, int] = {}
+        for part in plan.values():
+            for mid, n in part.items():
+                total[mid] = total.get(mid, 0) + n
+        return total
+    return dict(plan)
+
+
+def trust_record(pins: Pins | None, sites: list[str], simulation: bool = False) -> dict:
+    """metrics.json's trust: whether names and counts were pinned, and which sites."""
+    if simulation:
+        return {"pinned": False, "note": "simulation: every module's num_samples was checked against the partition "
+                                         "the server computed; client ids were trusted as reported"}
+    if pins is None:
+        return {"pinned": False, "note": TRUSTED_NOTE}
+    return {"pinned": True, "pin_file": pins.path, "sites": {s: pins.of(s).node_id for s in sites if pins.of(s)},
+            "note": f"names bound to the SuperLink-authenticated node ids in {pins.path}, counts to its ceilings"}
+
