@@ -187,3 +187,25 @@ def test_probe_catches_a_failed_load(tmp_path):
     found = probe(tmp_path / "bad.html", page, tmp_path / "profile")
     assert len(found["failed"]) == 2 and len(found["blocked"]) == 2
     assert [i["ok"] for i in found["images"]] == [False, False]
+
+
+def test_sites_section_says_what_was_trusted_and_what_each_site_weighs(tiny_run, tmp_path):
+    _, out = tiny_run
+    rd = copy_run(out, tmp_path / "run")
+    metrics = json.loads((rd / "metrics.json").read_text())
+    site = {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.4, "auroc": 0.9, "num_test": 20}
+    unpinned = metrics | {
+        "trust": {"pinned": False, "note": "no pin file (flower.pins): site names were trusted as reported"},
+        "site_shares": {"site-a": {"3": {"images": 30, "image_share": 0.75, "synthetic": 75, "synthetic_share": 0.75}}},
+        "evaluation": {"per_site": {"site-a": site}, "declared_test_images": {"site-a": 20, "site-b": 9},
+                       "failed_sites": {"site-b": "site site-b scored 90 test images but declared 9 before scoring"}}}
+    (rd / "metrics.json").write_text(json.dumps(unpinned))
+    text = html.unescape(write_report(rd).read_text(encoding="utf-8"))
+    assert "<h2>Sites: trust and influence</h2>" in text and "Not pinned: no pin file (flower.pins)" in text
+    assert "<td>site-a</td><td>3</td><td>30</td><td>0.750</td><td>75</td><td>0.750</td>" in text
+    assert "<b>pooled</b>" in text and "declared 9 before scoring" in text and "could not be drawn" not in text
+    pinned = unpinned | {"trust": {"pinned": True, "pin_file": "/srv/federation.toml", "sites": {"site-a": 11},
+                                   "note": "names bound to node ids"}}
+    (rd / "metrics.json").write_text(json.dumps(pinned))
+    text = html.unescape(write_report(rd).read_text(encoding="utf-8"))
+    assert "Pinned by <code>/srv/federation.toml</code>: site-a (node 11)" in text and "Not pinned" not in text

@@ -310,6 +310,43 @@ def section_partition(run: RunFiles) -> str:
             f'{img(figure_uri(fig), "Partition heatmap")}</div></section>')
 
 
+def section_sites(run: RunFiles) -> str:
+    """Trust and influence: whether names and counts were pinned, each site's share of each class (real images and
+    the synthetic images its modules made), and each site's own evaluation beside the pooled one."""
+    m = run.metrics
+    if m is None or not any(k in m for k in ("trust", "site_shares")):
+        return ""
+    out = ["<section><h2>Sites: trust and influence</h2>"]
+    trust = m.get("trust") or {}
+    if trust.get("pinned"):
+        pinned = ", ".join(f"{esc(s)} (node {esc(n)})" for s, n in sorted((trust.get("sites") or {}).items()))
+        out.append(f"<p>Pinned by <code>{esc(trust.get('pin_file'))}</code>: {pinned or 'no site'}. "
+                   f"{esc(trust.get('note', ''))}.</p>")
+    elif trust:
+        out.append(note(f"Not pinned: {trust.get('note', 'names and counts were trusted as reported')}."))
+    rows = [[esc(site), esc(c), fmt(r["images"]), fmt(r["image_share"], 3), fmt(r["synthetic"]),
+             fmt(r["synthetic_share"], 3)]
+            for site, classes in sorted((m.get("site_shares") or {}).items()) for c, r in classes.items()]
+    if rows:
+        out.append("<p>Each site's share of each class: its real images over the class's, and the synthetic images "
+                   "its modules contributed over the class's (a site's counts weight its modules in synthesis).</p>")
+        out.append(table(["site", "class", "images", "share", "synthetic", "synthetic share"], rows, "num"))
+    ev = m.get("evaluation") or {}
+    if ev.get("per_site"):
+        declared = ev.get("declared_test_images") or {}
+        body = [[esc(site), fmt(declared.get(site)), fmt(r.get("num_test"))] + [fmt(r.get(k)) for k in HEADLINE_KEYS]
+                for site, r in sorted(ev["per_site"].items())]
+        body.append(["<b>pooled</b>", fmt(sum(declared.values()) if declared else None), fmt(m.get("num_test"))]
+                    + [fmt(m.get(k)) for k in HEADLINE_KEYS])
+        out.append("<p>Each site's own metrics, from the counts it returned, beside the pooled ones.</p>")
+        out.append(table(["site", "declared test images", "scored"] + list(HEADLINE_KEYS), body, "num"))
+    if ev.get("failed_sites"):
+        out.append(note("Evaluation failed at " + "; ".join(f"{esc(s)}: {esc(r)}"
+                                                            for s, r in sorted(ev["failed_sites"].items()))))
+    out.append("</section>")
+    return "".join(out)
+
+
 def real_images(run: RunFiles, per_module: int) -> tuple[dict[str, np.ndarray], str]:
     """Module id -> up to `per_module` real training images of that client and class, with a note on failure."""
     if run.config is None or run.partition is None:
@@ -604,6 +641,7 @@ def render_report(run_dir: Path, show_real: bool = False, device: torch.device |
         guarded("Results", section_results, run),
         guarded("Modules", section_modules, run, show_real, samples_per_module, device, max_module_cards),
         guarded("Partition", section_partition, run),
+        guarded("Sites: trust and influence", section_sites, run),
         guarded("Comparison", section_comparison, run),
         guarded("Unlearning certificate", section_unlearning, run),
         guarded("Privacy", section_privacy, run),
