@@ -38,7 +38,10 @@ def audit(run_dir: Path) -> dict:
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "timings": m["timings"],
             "epsilon_max": max((g["epsilon"] for g in guarantees), default=None),
             "delta": guarantees[0]["delta"] if guarantees else None,
-            "mechanisms": guarantees[0]["mechanisms"] if guarantees else [],
+            "adjacency": guarantees[0].get("adjacency") if guarantees else None,
+            "accountant": guarantees[0]["accountant"] if guarantees else None,
+            "mechanisms": max(guarantees, key=lambda g: g["epsilon"])["mechanisms"] if guarantees else [],
+            "notes": max(guarantees, key=lambda g: g["epsilon"]).get("notes", []) if guarantees else [],
             "mia_auc_max": a["mia_auc_max"], "copy_fraction_max": a["copy_fraction_max"],
             "modules": [{k: r[k] for k in ("module_id", "mia_auc", "mia_auc_interval", "copy_fraction",
                                            "ratio_quantiles")} for r in a["modules"]]}
@@ -57,7 +60,12 @@ def markdown(rows: list[dict], prov: dict, title: str, note: str = "") -> str:
         eps = "off" if r["epsilon_max"] is None else f"epsilon {r['epsilon_max']:.3f}"
         lines += ["", f"## {Path(r['run_dir']).name} ({eps})", "", f"Audit: `{r['audit_command']}`", ""]
         if r["mechanisms"]:
-            lines += ["Mechanisms of each module: " + "; ".join(r["mechanisms"]) + ".", ""]
+            lines += [f"Adjacency {r['adjacency']}; mechanisms of the weakest module (accountant: {r['accountant']}):",
+                      "", "| mechanism | kind | sensitivity | noise std | steps | sampling rate |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {m['name']} | {m['kind']} | {m['sensitivity']:.4g} | {m['noise_std']:.4g} | {m['steps']} | "
+                      f"{m['sampling_rate']:.4g} |" for m in r["mechanisms"]]
+            lines += ["", "Not a mechanism: " + "; ".join(r["notes"]) + ".", ""]
         lines += ["| module | MIA AUC [95% bootstrap] | near-copy fraction | ratio quantiles 5% / 50% / 95% |",
                   "|---|---|---|---|"]
         for mod in r["modules"]:

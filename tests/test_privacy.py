@@ -3,9 +3,12 @@
 import json
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
+from dp_accounting.pld import pld_privacy_accountant
+from scipy import stats
 
 from fedfactory.cli import main
 from fedfactory.config import ConfigError, load_config
@@ -13,58 +16,100 @@ from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import trained_as_asked
 from fedfactory.federation.runner import run
 from fedfactory.federation.unlearning import unlearn
-from fedfactory.generative.aegmm import PRIVATE_BLUR_SIGMA
+from fedfactory.generative.aegmm import PRIVATE_BLUR_SIGMA, AutoEncoder
 from fedfactory.generative.artifact import ModuleError, module_to_bytes
 from fedfactory.generative.train import train_module
+from fedfactory.privacy import dp
 from fedfactory.privacy.accounting import (
+    Mechanism,
     PrivacyBudgetError,
-    gaussian_rdp,
-    noise_for_budget,
-    rdp_to_epsilon,
-    sampled_gaussian_rdp,
+    calibrate,
+    epsilon_of,
+    guarantee_problem,
 )
 from fedfactory.privacy.audit import auc, audit_images, audit_module
-from fedfactory.privacy.dp import plan_privacy
+from fedfactory.privacy.dp import clip_rows, gaussian_release, noisy_gradient, plan_privacy, poisson_batch
 from fedfactory.registry import Module, load_registry
 from fedfactory.report import render_report
 
 
-def test_unsubsampled_gaussian_has_the_closed_form_rdp():
-    # Sampling rate 1 is the plain Gaussian mechanism: RDP alpha / (2 sigma^2) (Mironov 2017, Prop. 7), for
-    # integer and fractional orders alike, and composition over steps multiplies it.
-    orders = [1.5, 2, 3.25, 8, 32]
-    assert np.allclose(sampled_gaussian_rdp(1.0, 2.0, 5, orders), 5 * np.array(orders) / 8)
-    # The subsampled series at a rate just below 1 must agree with it (both series of Mironov et al. 2019).
-    assert np.allclose(sampled_gaussian_rdp(1 - 1e-9, 2.0, 1, orders), np.array(orders) / 8, rtol=1e-4)
+def analytic_gaussian_delta(mu: float, eps: float) -> float:
+    """delta(epsilon) of a Gaussian mechanism with sensitivity / std = mu, exactly (Balle and Wang 2018, Thm. 8):
+    written here from the paper, sharing no code with the accountant."""
+    return float(stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2))
 
 
-def test_fractional_and_integer_series_agree_at_integer_orders():
-    # Two independent expansions of Mironov, Talwar, Zhang 2019: the binomial sum (integer orders) and the
-    # two erfc-weighted series (any order), evaluated just off the integer.
-    for q, sigma in ((0.01, 0.7), (0.3, 1.5)):
-        exact = sampled_gaussian_rdp(q, sigma, 1, [2, 3, 8])
-        assert np.allclose(sampled_gaussian_rdp(q, sigma, 1, [2 + 1e-9, 3 + 1e-9, 8 + 1e-9]), exact, rtol=1e-6)
+def invert(delta_of, delta: float) -> float:
+    """The epsilon at which a decreasing delta(epsilon) reaches delta, by bisection."""
+    low, high = 0.0, 200.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if delta_of(mid) > delta else (low, mid)
+    return high
 
 
-def test_dp_sgd_epsilon_matches_tf_privacys_published_value():
-    # TF-Privacy's compute_dp_sgd_privacy docstring: N=60000, batch 256, noise 1.12, 60 epochs, delta 1e-5
-    # "satisfies (2.92, 1e-5)-DP", with its orders and the conversion of Mironov 2017, Prop. 3.
-    orders = [1.25, 1.5, 1.75, 2., 2.25, 2.5, 3., 3.5, 4., 4.5] + list(range(5, 64)) + [128, 256, 512]
-    steps = math.ceil(60 * 60000 / 256)
-    rdp = sampled_gaussian_rdp(256 / 60000, 1.12, steps, orders)
-    assert rdp_to_epsilon(rdp, 1e-5, orders, conversion="mironov")[0] == pytest.approx(2.92, abs=0.005)
-    # The default conversion (Balle et al. 2020) is never looser.
-    assert rdp_to_epsilon(rdp, 1e-5, orders)[0] < 2.92
+def exact_gaussian_epsilon(mechanisms: list[dict], delta: float) -> float:
+    """Epsilon of composed Gaussian releases from their manifest fields alone: the composition of Gaussians with
+    sensitivity/std mu_i is one Gaussian with mu = sqrt(sum mu_i^2) (Dong, Roth, Su 2019, Cor. 3.3)."""
+    assert all(m["kind"] == "gaussian" and m["sampling_rate"] == 1.0 for m in mechanisms)
+    mu = math.sqrt(sum(m["steps"] * (m["sensitivity"] / m["noise_std"]) ** 2 for m in mechanisms))
+    return invert(lambda e: analytic_gaussian_delta(mu, e), delta)
 
 
-def test_noise_search_meets_the_budget_and_refuses_the_impossible():
-    sigma = noise_for_budget(2.0, 1e-5, 0.01, 500)
-    spent = rdp_to_epsilon(sampled_gaussian_rdp(0.01, sigma, 500), 1e-5)[0]
-    assert spent <= 2.0 and spent > 1.99
-    assert noise_for_budget(1.0, 1e-5, 0.01, 500) > sigma
-    # Other mechanisms that already spend the whole budget leave nothing for DP-SGD.
+def exact_poisson_epsilon(q: float, noise_std: float, sensitivity: float, delta: float) -> float:
+    """Epsilon of one Poisson-subsampled Gaussian step under replace-one, by integrating the hockey-stick divergence
+    of (1-q) N(0, s^2) + q N(-b, s^2) against (1-q) N(0, s^2) + q N(b, s^2), b = sensitivity / 2, on a fine grid."""
+    b, s = sensitivity / 2, noise_std
+    x = np.linspace(-b - 40 * s, b + 40 * s, 400_001)
+    p = (1 - q) * stats.norm.pdf(x, 0, s) + q * stats.norm.pdf(x, -b, s)
+    r = (1 - q) * stats.norm.pdf(x, 0, s) + q * stats.norm.pdf(x, b, s)
+    dx = x[1] - x[0]
+    return invert(lambda e: float(np.maximum(p - math.exp(e) * r, 0).sum() * dx), delta)
+
+
+@pytest.mark.parametrize("sensitivity, std, count", [(2.0, 1.0, 1), (2.0, 7.47, 1), (11.3, 60.0, 1), (2.0, 3.0, 4)])
+def test_the_accountant_agrees_with_the_exact_gaussian_epsilon(sensitivity, std, count):
+    mechanisms = [Mechanism(f"m{i}", "gaussian", sensitivity, std) for i in range(count)]
+    exact = exact_gaussian_epsilon([m.to_dict() for m in mechanisms], 1e-5)
+    spent = epsilon_of(mechanisms, 1e-5)
+    # Pessimistic: never below the truth, and tight (the PLD grid is 1e-3 in privacy loss).
+    assert exact <= spent <= exact + 0.01
+
+
+@pytest.mark.parametrize("q, std", [(0.5, 2.0), (0.1, 1.0), (0.01, 0.8)])
+def test_the_accountant_agrees_with_the_integrated_poisson_step(q, std):
+    spent = epsilon_of([Mechanism("sgd", "poisson-subsampled-gaussian", 2.0, std, 1, q)], 1e-5)
+    exact = exact_poisson_epsilon(q, std, 2.0, 1e-5)
+    assert exact - 1e-3 <= spent <= exact + 0.01
+
+
+def test_the_shipped_noise_of_the_old_calibration_is_far_weaker_than_it_claimed():
+    # The old embedding release at "epsilon 10" used noise 0.530 for sensitivity 1; replace-one needs 2. Recomputed
+    # from the paper's formula it is epsilon ~22.5, and the new calibration for 10 draws about twice the noise.
+    old = exact_gaussian_epsilon([{"kind": "gaussian", "sampling_rate": 1.0, "steps": 1, "sensitivity": 2.0,
+                                   "noise_std": 0.530}], 1e-5)
+    assert 22 < old < 23.5
+    plan = plan_privacy(10.0, 1e-5, 1.0, 6000, 64, 600, method="embedding")
+    assert plan.noise_multiplier > 0.99 and plan.mechanisms[0].sensitivity == 2.0
+    assert exact_gaussian_epsilon([m.to_dict() for m in plan.mechanisms], 1e-5) <= 10.0
+
+
+def test_dp_sgd_steps_compose_and_subsampling_amplifies():
+    def eps(steps, q):
+        return epsilon_of([Mechanism("sgd", "poisson-subsampled-gaussian", 2.0, 1.0, steps, q)], 1e-5)
+
+    assert eps(10, 0.01) < eps(100, 0.01) < eps(1000, 0.01)
+    assert eps(100, 0.01) < eps(100, 0.1) < epsilon_of([Mechanism("sgd", "gaussian", 2.0, 1.0, 100)], 1e-5)
+
+
+def test_calibration_meets_the_budget_with_the_least_noise():
+    def mechanisms(s):
+        return [Mechanism("sgd", "poisson-subsampled-gaussian", 2.0, s, 500, 0.01)]
+
+    sigma = calibrate(mechanisms, 2.0, 1e-5)
+    assert epsilon_of(mechanisms(sigma), 1e-5) <= 2.0 < epsilon_of(mechanisms(sigma * 0.99), 1e-5)
     with pytest.raises(PrivacyBudgetError, match="cannot be met"):
-        noise_for_budget(1.0, 1e-5, 0.01, 500, extra_rdp=gaussian_rdp(0.1))
+        calibrate(mechanisms, 0.001, 1e-5, max_noise=2.0)
 
 
 def images(rng, n):
@@ -139,16 +184,13 @@ def test_private_run_records_each_modules_guarantee(private_run):
     for manifest, tensors in modules:
         p = manifest["privacy"]
         assert metrics["privacy"][manifest["module_id"]] == p
-        assert 7.9 < p["epsilon"] <= 8 and p["delta"] == 1e-5 and "rdp" in p["accountant"]
-        assert any("random Fourier features" in m for m in p["mechanisms"])
+        assert 7.9 < p["epsilon"] <= 8 and p["delta"] == 1e-5 and p["adjacency"] == "replace-one"
+        assert [m["name"] for m in p["mechanisms"]] == ["embedding"]
         # Nothing the images fix without noise: one noisy Gaussian, no residual, a fixed blur, no batch loss.
         assert tensors["mixture.means"].shape[0] == 1 and not any(k.startswith("residual.") for k in tensors)
         assert manifest["training"]["blur_sigma"] == PRIVATE_BLUR_SIGMA and "final_loss" not in manifest["training"]
-        # The composed epsilon, recomputed from the recorded mechanisms, is what the manifest claims.
-        t = manifest["training"]
-        plan = plan_privacy(8.0, 1e-5, 1.0, manifest["num_samples"], t["batch_size"], t["steps"], method="embedding")
-        assert f"noise multiplier {plan.noise_multiplier:.4f}" in p["mechanisms"][0]
-        assert rdp_to_epsilon(gaussian_rdp(plan.noise_multiplier), 1e-5)[0] == pytest.approx(p["epsilon"], abs=1e-5)
+        # From the manifest's fields alone, the paper's exact formula gives no more than the stated epsilon.
+        assert exact_gaussian_epsilon(p["mechanisms"], p["delta"]) <= p["epsilon"]
         # The latent model is fixed, not fitted: a standard normal.
         assert float(tensors["mixture.means"].abs().max()) == 0.0
     html = (out / "report.html").read_text()
@@ -172,11 +214,19 @@ def test_dp_sgd_modules_compose_sgd_and_moments_in_one_guarantee():
     cfg = load_config("tiny", ["generator.steps=8", "privacy.epsilon=5", "privacy.method=dp-sgd"])
     tensors, fields = train_module(images, cfg.generator, 0, torch.device("cpu"), progress=False, privacy=cfg.privacy)
     p, t = fields["privacy"], fields["training"]
-    assert "DP-SGD" in p["mechanisms"][0] and t["dp_max_grad_norm"] == 1.0 and "final_loss" not in t
-    plan = plan_privacy(5.0, 1e-5, 1.0, len(images), 32, 8)
-    rdp = (sampled_gaussian_rdp(plan.sampling_rate, plan.noise_multiplier, 8)
-           + 2 * gaussian_rdp(plan.statistics_noise_multiplier))
-    assert rdp_to_epsilon(rdp, 1e-5)[0] == pytest.approx(p["epsilon"], abs=1e-5) and p["epsilon"] <= 5
+    assert t["dp_max_grad_norm"] == 1.0 and "final_loss" not in t and p["adjacency"] == "replace-one"
+    sgd, *moments = p["mechanisms"]
+    assert sgd["kind"] == "poisson-subsampled-gaussian" and sgd["steps"] == 8 and sgd["sensitivity"] == 2.0
+    assert sgd["sampling_rate"] == pytest.approx(32 / len(images))
+    assert [m["name"] for m in moments] == ["latent-sum", "latent-outer-products"]
+    # From the fields alone, composed by dp-accounting with events this test builds itself.
+    accountant = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE,
+                                                      value_discretization_interval=1e-4)
+    step = dp_accounting.GaussianDpEvent(sgd["noise_std"] / (sgd["sensitivity"] / 2))
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(sgd["sampling_rate"], step), sgd["steps"])
+    for m in moments:
+        accountant.compose(dp_accounting.GaussianDpEvent(m["noise_std"] / (m["sensitivity"] / 2)))
+    assert accountant.get_epsilon(p["delta"]) <= p["epsilon"] <= 5
     assert all(torch.isfinite(v).all() for v in tensors.values())
 
 
@@ -251,3 +301,101 @@ def test_unlearning_a_private_run_verifies_from_the_kept_modules(private_run, tm
     assert cert["verified"], cert["verification"]["summary"]
     assert "private modules" in cert["verification"]["summary"]
     assert not list((tmp_path / "u" / "modules").glob("client-002_*"))
+
+
+def test_privacy_with_local_mode_is_refused():
+    # Local mode's experts are trained on each site's raw images and leave the site.
+    with pytest.raises(ConfigError, match=r"classifier.mode=local with privacy.epsilon=1.*leaves the site"):
+        load_config("tiny", ["privacy.epsilon=1", "classifier.mode=local"])
+
+
+def test_a_private_run_refuses_modules_that_vouch_for_themselves(private_run, tiny_run):
+    cfg, _, out = private_run
+    manifest = load_registry(out / "modules")[0].manifest
+    p = manifest["privacy"]
+    assert guarantee_problem(p, 8.0, 1e-5) is None and trained_as_asked(manifest, cfg) is None
+    weaker_noise = p | {"mechanisms": [p["mechanisms"][0] | {"noise_std": p["mechanisms"][0]["noise_std"] / 2}]}
+    cases = {
+        "no privacy block": ({k: v for k, v in manifest.items() if k != "privacy"}, "carries no privacy guarantee"),
+        "half the noise, same claim": (manifest | {"privacy": weaker_noise}, "but its mechanisms compose to"),
+        "half the noise, honest claim": (manifest | {"privacy": weaker_noise | {"epsilon": 19.2}}, "above the run"),
+        "a weaker claim": (manifest | {"privacy": p | {"epsilon": 20.0}}, "above the run's privacy.epsilon=8"),
+        "add-remove": (manifest | {"privacy": p | {"adjacency": "add-remove"}}, "not replace-one"),
+        "larger delta": (manifest | {"privacy": p | {"delta": 1e-3}}, "above the run's privacy.delta"),
+        "no mechanisms": (manifest | {"privacy": p | {"mechanisms": []}}, "lists no mechanism"),
+    }
+    for name, (tampered, message) in cases.items():
+        reason = trained_as_asked(tampered, cfg)
+        assert reason is not None and message in reason, (name, reason)
+    # A plain module whose training fields claim privacy still lacks the guarantee.
+    plain = load_registry(tiny_run / "modules")[0].manifest
+    claimed = plain | {"training": plain["training"] | {k: v for k, v in manifest["training"].items()
+                                                         if k.startswith("dp_")}}
+    assert "no privacy guarantee" in trained_as_asked(claimed, cfg)
+
+
+def test_gaussian_release_draws_the_stated_std():
+    gen = torch.Generator().manual_seed(0)
+    value = torch.full((200_000,), 3.0, dtype=torch.float64)
+    noise = gaussian_release(value, 2.5, gen) - value
+    assert abs(float(noise.mean())) < 0.05 and float(noise.std()) == pytest.approx(2.5, rel=0.01)
+    batch = gaussian_release(torch.zeros(4, 3), 1.0, gen)
+    assert batch.shape == (4, 3) and len(set(batch.flatten().tolist())) == 12  # independent draws per row
+
+
+def test_clipping_bounds_every_images_contribution():
+    gen = torch.Generator().manual_seed(0)
+    per_sample = {"a": torch.randn(5, 3, generator=gen) * 100, "b": torch.randn(5, 2, generator=gen) * 100}
+    # Without noise the released sum of five clipped gradients has norm at most 5 C, and one alone exactly C.
+    one = noisy_gradient({k: v[:1] for k, v in per_sample.items()}, 1.5, 0.0, 1.0, gen)
+    assert float(torch.sqrt(sum(g.pow(2).sum() for g in one.values()))) == pytest.approx(1.5, rel=1e-5)
+    total = noisy_gradient(per_sample, 1.5, 0.0, 1.0, gen)
+    assert float(torch.sqrt(sum(g.pow(2).sum() for g in total.values()))) <= 5 * 1.5 + 1e-5
+    rows = clip_rows(torch.randn(100, 4, generator=gen, dtype=torch.float64) * 10, 2.0)
+    assert float(rows.norm(dim=1).max()) <= 2.0 + 1e-9
+
+
+def test_poisson_batches_include_each_image_at_the_stated_rate():
+    gen = torch.Generator().manual_seed(0)
+    n, q, draws = 1000, 0.05, 400
+    sizes = np.array([len(poisson_batch(n, q, gen)) for _ in range(draws)])
+    # Binomial(n, q): the mean over draws within 4 standard errors, and the spread of a binomial.
+    assert abs(sizes.mean() - n * q) < 4 * math.sqrt(n * q * (1 - q) / draws)
+    assert sizes.std() == pytest.approx(math.sqrt(n * q * (1 - q)), rel=0.2)
+    counts = np.zeros(n)
+    for _ in range(draws):
+        counts[poisson_batch(n, q, gen).numpy()] += 1
+    assert abs(counts.mean() / draws - q) < 0.005  # every image, not a fixed subset
+
+
+@pytest.mark.parametrize("method", ["embedding", "dp-sgd"])
+def test_training_draws_exactly_the_noise_its_manifest_states(method, monkeypatch):
+    # The noise is measured where it is added (every release goes through gaussian_release), not recomputed.
+    drawn = []
+
+    def recording(value, noise_std, generator):
+        out = real(value, noise_std, generator)
+        drawn.append((noise_std, (out - value).flatten().double()))
+        return out
+
+    real = dp.gaussian_release
+    monkeypatch.setattr(dp, "gaussian_release", recording)
+    train, _ = load_dataset("digits", image_size=8)
+    images = train.images[train.labels == 3]
+    cfg = load_config("tiny", ["generator.steps=6", "privacy.epsilon=5", f"privacy.method={method}"])
+    _, fields = train_module(images, cfg.generator, 0, torch.device("cpu"), progress=False, privacy=cfg.privacy)
+    stated = {m["name"]: m for m in fields["privacy"]["mechanisms"]}
+    if method == "embedding":
+        (std, noise), = drawn
+        assert std == stated["embedding"]["noise_std"] and float(noise.std()) == pytest.approx(std, rel=0.05)
+        return
+    sgd, stats_sum, stats_outer = stated["autoencoder-dp-sgd"], stated["latent-sum"], stated["latent-outer-products"]
+    steps = [n for s, n in drawn if s == sgd["noise_std"]]
+    params = sum(p.numel() for p in AutoEncoder((1, 8, 8), cfg.generator.channels, cfg.generator.latent_dim)
+                 .parameters())
+    assert sum(len(n) for n in steps) == 6 * params  # every parameter of every step got noise
+    assert float(torch.cat(steps).std()) == pytest.approx(sgd["noise_std"], rel=0.05)
+    rest = [(s, n) for s, n in drawn if s != sgd["noise_std"]]
+    assert [s for s, _ in rest] == [stats_sum["noise_std"], stats_outer["noise_std"]]
+    d = cfg.generator.latent_dim
+    assert float(rest[1][1].reshape(d, d).triu().std()) > 0  # the released triangle is noisy

@@ -265,6 +265,12 @@ def _validate_privacy(cfg: Config) -> None:
         raise ConfigError(f"privacy.max_grad_norm={p.max_grad_norm}: the clipping norm must be > 0")
     if p.epsilon == 0:
         return
+    if cfg.classifier.mode == "local":
+        # Local mode's experts are classifiers trained on each site's raw images and sent to the server and every
+        # other site: nothing trained on raw images may leave a private site.
+        raise ConfigError(f"classifier.mode=local with privacy.epsilon={p.epsilon}: every site's expert is trained on "
+                          "its raw images without differential privacy and leaves the site; set "
+                          "classifier.mode=server or privacy.epsilon=0")
     if g.family != "aegmm":
         raise ConfigError(f"privacy.epsilon is only supported for aegmm (generator.family={g.family!r}); set "
                           "generator.family=aegmm or privacy.epsilon=0")

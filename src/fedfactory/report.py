@@ -508,10 +508,14 @@ def section_privacy(run: RunFiles) -> str:
     if guarantees:
         private = [g for g in guarantees.values() if g]
         if private:
+            weakest = max(private, key=lambda g: g["epsilon"])
             out.append(f"<p>{len(private)} of {len(guarantees)} modules are differentially private for their "
-                       f"site's images, the weakest at <b>{guarantee_text(max(private, key=lambda g: g['epsilon']))}"
-                       f"</b> ({esc(private[0]['accountant'])}).</p>")
-            out.append("<p>Mechanisms of each: " + "; ".join(esc(m) for m in private[0]["mechanisms"]) + ".</p>")
+                       f"site's images, the weakest at <b>{guarantee_text(weakest)}</b>, adjacency "
+                       f"{esc(weakest.get('adjacency', '?'))} ({esc(weakest['accountant'])}).</p>")
+            out.append(table(["mechanism", "kind", "sensitivity", "noise std", "steps", "sampling rate"],
+                             [[esc(m["name"]), esc(m["kind"]), fmt(m["sensitivity"], 4), fmt(m["noise_std"], 4),
+                               str(m["steps"]), fmt(m["sampling_rate"], 4)] for m in weakest["mechanisms"]], "num"))
+            out.append("<p>" + "; ".join(esc(n) for n in weakest.get("notes", [])) + ".</p>")
         else:
             out.append(note("No module carries a differential-privacy guarantee (privacy.epsilon = 0)."))
     a = run.audit

@@ -9,6 +9,7 @@ from fedfactory.config import Config
 from fedfactory.data.datasets import ImageDataset
 from fedfactory.errors import FedFactoryError
 from fedfactory.generative.train import network_config, requested_training, sample_module
+from fedfactory.privacy.accounting import guarantee_problem
 from fedfactory.registry import Module
 from fedfactory.seeding import derive_seed
 
@@ -37,7 +38,14 @@ def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
     # A private module was not what a non-private run asked for either (the other direction is caught above).
     differ += [f"{k}={t[k]} where the run asks no differential privacy" for k in sorted(t)
                if k.startswith("dp_") and k not in asked]
-    return f"trained with {', '.join(differ)}" if differ else None
+    if differ:
+        return f"trained with {', '.join(differ)}"
+    if cfg.privacy.epsilon > 0:
+        # A manifest does not vouch for itself: its mechanisms are recomputed by the accountant against the run's ask.
+        problem = guarantee_problem(manifest.get("privacy"), cfg.privacy.epsilon, cfg.privacy.delta)
+        if problem:
+            return f"not the guarantee the run asks: {problem}"
+    return None
 
 
 def allocate(counts: list[int], total: int) -> list[int]:

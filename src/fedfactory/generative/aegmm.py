@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from fedfactory.data.datasets import to_float, to_uint8
-from fedfactory.privacy.dp import clip_rows, noisy_moments, secret_generator
+from fedfactory.privacy.dp import clip_rows, noisy_moments, random_features, secret_generator
 from fedfactory.seeding import derive_seed, torch_generator
 
 
@@ -284,38 +284,6 @@ def fit_private_densities(ema: AutoEncoder, images: np.ndarray, radius: float,
     tensors |= {"mixture.log_weights": torch.zeros(1), "mixture.means": mean[None].float(),
                 "mixture.scale_tril": torch.linalg.cholesky(cov)[None].float().contiguous()}
     return tensors, {"blur_sigma": PRIVATE_BLUR_SIGMA, "mixture_size": 1}
-
-
-RFF_FEATURES = 4096  # random frequencies; each gives a cosine and a sine feature
-RFF_SCALES = (0.25, 0.5, 1.0)  # Gaussian-kernel bandwidths, in units of sqrt(pixels): fixed, not fitted
-
-
-def random_frequencies(image_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
-    """Frequencies (C*H*W, RFF_FEATURES) of random Fourier features for a sum of Gaussian kernels (Rahimi and
-    Recht 2007), one block per bandwidth in RFF_SCALES x sqrt(pixels); drawn from the seed, never from data."""
-    dim = math.prod(image_shape)
-    gen = torch_generator(seed, "frequencies")
-    blocks = [torch.randn(dim, RFF_FEATURES // len(RFF_SCALES), generator=gen) / (s * math.sqrt(dim))
-              for s in RFF_SCALES]
-    return torch.cat(blocks, 1)
-
-
-def random_features(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
-    """phi(x) (B, 2F) = [cos(x w), sin(x w)] / sqrt(F) for images x (B, C, H, W): every phi(x) has norm exactly 1."""
-    proj = x.flatten(1) @ frequencies
-    return torch.cat([proj.cos(), proj.sin()], 1) / math.sqrt(frequencies.shape[1])
-
-
-@torch.no_grad()
-def noisy_embedding(images: np.ndarray, frequencies: torch.Tensor, noise_multiplier: float,
-                    generator: torch.Generator) -> torch.Tensor:
-    """The private mean embedding of the images (2F,): the sum of their features, whose norm one image changes by
-    at most 1, plus N(0, noise_multiplier^2 I), over the (public) count: one Gaussian mechanism (DP-MERF, Harder
-    et al. 2021, Eq. 6)."""
-    total = sum(random_features(torch.from_numpy(to_float(images[i:i + 1000])), frequencies).double().sum(0)
-                for i in range(0, len(images), 1000))
-    return ((total + noise_multiplier * torch.randn(total.shape, generator=generator, dtype=torch.float64))
-            / len(images)).float()
 
 
 def fit_embedding_decoder(decoder: nn.Module, embedding: torch.Tensor, frequencies: torch.Tensor, latent_dim: int,

@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 
 from fedfactory import __version__
+from fedfactory.privacy.accounting import KINDS, PrivacyBudgetError, mechanism_from_dict
 from fedfactory.runs import atomic_write_bytes
 
 # 2: the manifest carries manifest_sha256, a hash over its own canonical JSON (which includes weights_sha256).
@@ -67,7 +68,8 @@ _MANIFEST_KEYS = frozenset(
 )
 # Present only in a differentially private module: its guarantee (DESIGN.md, module artifact).
 _OPTIONAL_KEYS = frozenset({"privacy"})
-_PRIVACY_KEYS = frozenset({"epsilon", "delta", "accountant", "mechanisms"})
+_PRIVACY_KEYS = frozenset({"epsilon", "delta", "adjacency", "accountant", "mechanisms", "notes"})
+_ADJACENCIES = ("add-remove", "replace-one")
 _MAX_MECHANISMS = 16
 _MAX_MECHANISM_CHARS = 300
 _RESAVE = "re-save the module with fedfactory.generative.artifact.save_module"
@@ -208,7 +210,9 @@ def _check_config(value: object, key: str, source: str) -> None:
 
 
 def _check_privacy(privacy: object, source: str) -> None:
-    """A private module's guarantee: {epsilon > 0, delta in (0, 1), accountant, mechanisms (short strings)}."""
+    """A private module's guarantee: {epsilon > 0, delta in (0, 1), adjacency, accountant, mechanisms: [{name, kind,
+    sensitivity, noise_std, steps, sampling_rate}], notes: short strings}. Whether the mechanisms give the stated
+    epsilon is the server's check (privacy.accounting.guarantee_problem), not the schema's."""
     if not isinstance(privacy, dict) or privacy.keys() != _PRIVACY_KEYS:
         raise _refuse(source, f"manifest privacy must be an object with exactly {', '.join(sorted(_PRIVACY_KEYS))}")
     eps, delta = privacy["epsilon"], privacy["delta"]
@@ -216,11 +220,22 @@ def _check_privacy(privacy: object, source: str) -> None:
         raise _refuse(source, f"privacy.epsilon must be a finite number > 0, got {_show(eps)}")
     if type(delta) is not float or not 0 < delta < 1:
         raise _refuse(source, f"privacy.delta must be a number in (0, 1), got {_show(delta)}")
-    texts = [privacy["accountant"]] + (privacy["mechanisms"] if isinstance(privacy["mechanisms"], list) else [None])
-    if len(texts) > _MAX_MECHANISMS + 1 or not all(
+    if privacy["adjacency"] not in _ADJACENCIES:
+        raise _refuse(source, f"privacy.adjacency must be one of {', '.join(_ADJACENCIES)}, got "
+                      f"{_show(privacy['adjacency'])}")
+    mechanisms, notes = privacy["mechanisms"], privacy["notes"]
+    if not isinstance(mechanisms, list) or not 1 <= len(mechanisms) <= _MAX_MECHANISMS:
+        raise _refuse(source, f"privacy.mechanisms must be a list of 1 to {_MAX_MECHANISMS} mechanisms")
+    for m in mechanisms:
+        try:
+            mechanism_from_dict(m)
+        except PrivacyBudgetError as e:
+            raise _refuse(source, f"privacy.mechanisms: {e} (kinds: {', '.join(KINDS)})") from None
+    texts = [privacy["accountant"]] + [m["name"] for m in mechanisms] + (notes if isinstance(notes, list) else [None])
+    if len(texts) > 2 * _MAX_MECHANISMS + 1 or not all(
             isinstance(t, str) and 1 <= len(t) <= _MAX_MECHANISM_CHARS and t.isprintable() for t in texts):
-        raise _refuse(source, f"privacy.accountant and privacy.mechanisms must be printable strings of at most "
-                      f"{_MAX_MECHANISM_CHARS} characters, at most {_MAX_MECHANISMS} mechanisms")
+        raise _refuse(source, f"privacy.accountant, the mechanisms' names and privacy.notes must be printable "
+                      f"strings of at most {_MAX_MECHANISM_CHARS} characters, at most {_MAX_MECHANISMS} notes")
 
 
 def _check_manifest(manifest: object, source: str) -> None:

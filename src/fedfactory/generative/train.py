@@ -20,7 +20,6 @@ from fedfactory.errors import FedFactoryError
 from fedfactory.generative.aegmm import (
     BLUR_GRID,
     PRIVATE_BLUR_SIGMA,
-    RFF_FEATURES,
     AutoEncoder,
     PatchDiscriminator,
     autoencoder_loss,
@@ -29,9 +28,7 @@ from fedfactory.generative.aegmm import (
     fit_densities,
     fit_embedding_decoder,
     fit_private_densities,
-    noisy_embedding,
     per_image_gradients,
-    random_frequencies,
     standard_normal_latents,
 )
 from fedfactory.generative.edm import EDMParams, edm_loss, heun_sample
@@ -39,10 +36,11 @@ from fedfactory.generative.unet import UNet
 from fedfactory.privacy.dp import (
     PrivacyBudgetError,
     PrivacyPlan,
-    latent_radius,
+    noisy_embedding,
     noisy_gradient,
     plan_privacy,
     poisson_batch,
+    random_frequencies,
     secret_generator,
 )
 from fedfactory.seeding import derive_seed, torch_generator
@@ -134,7 +132,7 @@ def module_privacy_plan(cfg: GeneratorConfig, privacy: PrivacyConfig, num_images
     try:
         # The module's name stays out of plan_privacy's cache key, so planning before and during training share it.
         return plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images, cfg.batch_size,
-                            planned_steps(cfg, num_images), privacy.method)
+                            planned_steps(cfg, num_images), privacy.method, cfg.latent_dim)
     except PrivacyBudgetError as e:
         raise PrivacyBudgetError(f"{desc}: {e}") from None
 
@@ -203,7 +201,6 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     image_shape = (images.shape[3], images.shape[1], images.shape[2])
     net_cfg = network_config(cfg, image_shape)
     gen = torch_generator(seed)
-    radius = latent_radius(cfg.latent_dim)
     torch.manual_seed(derive_seed(seed, "init"))  # parameter init is the only use of the global generator
     training = requested_training(cfg, len(images), seed, privacy)
     steps = training["steps"]
@@ -211,7 +208,7 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         tensors, fields = train_embedding_module(images, cfg, plan, seed)
         return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
                          "diffusion": {}, "training": training | fields,
-                         "privacy": plan.manifest(radius, fields["blur_sigma"], 2 * RFF_FEATURES)}
+                         "privacy": plan.manifest(fields["blur_sigma"])}
     # Under DP-SGD the noise and the Poisson sample come from OS entropy (privacy/dp.py: secret_generator).
     noise_gen = secret_generator() if plan is not None else None
     sample_gen = secret_generator() if plan is not None else None
@@ -245,7 +242,7 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
         opt.zero_grad(set_to_none=True)
         if plan is not None:
             # DP-SGD: clipped per-image gradients plus Gaussian noise (Abadi et al. 2016, Alg. 1).
-            loss = private_step(model, x, plan, radius, noise_gen)
+            loss = private_step(model, x, plan, plan.latent_radius, noise_gen)
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 if cfg.family == "aegmm":
@@ -271,10 +268,10 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     ema = ema.cpu().eval()
     if plan is not None:
         # The loss of a batch of real images would be a statistic outside the guarantee: not recorded.
-        tensors, fields = fit_private_densities(ema, images, radius, plan.statistics_noise_multiplier)
+        tensors, fields = fit_private_densities(ema, images, plan.latent_radius, plan.statistics_noise_multiplier)
         return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
                          "diffusion": {}, "training": training | fields,
-                         "privacy": plan.manifest(radius, fields["blur_sigma"])}
+                         "privacy": plan.manifest(fields["blur_sigma"])}
     training["final_loss"] = float(loss.item())
     if cfg.family == "aegmm":
         tensors, fields = fit_densities(ema, images, cfg.mixture_components, cfg.residual_rank, seed)
