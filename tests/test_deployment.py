@@ -49,7 +49,7 @@ from fedfactory.flower.server_app import (  # noqa: E402
 )
 from fedfactory.flower.wire import CLIENT, COUNTS, MODULES, counts_content, task_content  # noqa: E402
 from fedfactory.metrics import MAX_TEST_IMAGES, evaluate, score_counts  # noqa: E402
-from fedfactory.privacy.audit import AuditError, audit_run  # noqa: E402
+from fedfactory.audit import AuditError, audit_run  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402
 
 pytestmark = pytest.mark.flower

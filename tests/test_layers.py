@@ -9,8 +9,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fedfactory"
 LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("support", ("config", "errors", "seeding", "runs", "device", "__init__")),
     ("data", ("data",)),
-    ("ml", ("generative", "classifier", "metrics", "registry", "privacy")),
-    ("report", ("report",)),
+    ("privacy", ("privacy",)),
+    ("ml", ("generative", "classifier", "metrics", "registry")),
+    ("report and audit", ("report", "audit")),
     ("federation", ("federation",)),
     ("entry", ("flower", "cli")),
 ]

@@ -27,7 +27,7 @@ from fedfactory.privacy.accounting import (
     epsilon_of,
     guarantee_problem,
 )
-from fedfactory.privacy.audit import auc, audit_images, audit_module
+from fedfactory.audit import auc, audit_images, audit_module
 from fedfactory.privacy.dp import clip_rows, gaussian_release, noisy_gradient, plan_privacy, poisson_batch
 from fedfactory.registry import Module, load_registry
 from fedfactory.report import render_report
