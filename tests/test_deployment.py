@@ -30,6 +30,7 @@ from flwr.common.config import flatten_dict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from fedfactory.audit import AuditError, audit_run  # noqa: E402
 from fedfactory.classifier import classifier_from_state, predict_log_proba, predict_proba  # noqa: E402
 from fedfactory.cli import main  # noqa: E402
 from fedfactory.config import ConfigError, class_list, config_hash, load_config, to_toml  # noqa: E402
@@ -49,7 +50,6 @@ from fedfactory.flower.server_app import (  # noqa: E402
 )
 from fedfactory.flower.wire import CLIENT, COUNTS, MODULES, counts_content, task_content  # noqa: E402
 from fedfactory.metrics import MAX_TEST_IMAGES, evaluate, score_counts  # noqa: E402
-from fedfactory.audit import AuditError, audit_run  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402
 
 pytestmark = pytest.mark.flower

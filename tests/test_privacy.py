@@ -10,6 +10,7 @@ import torch
 from dp_accounting.pld import pld_privacy_accountant
 from scipy import stats
 
+from fedfactory.audit import auc, audit_images, audit_module
 from fedfactory.cli import main
 from fedfactory.config import ConfigError, load_config
 from fedfactory.data.datasets import load_dataset
@@ -27,7 +28,6 @@ from fedfactory.privacy.accounting import (
     epsilon_of,
     guarantee_problem,
 )
-from fedfactory.audit import auc, audit_images, audit_module
 from fedfactory.privacy.dp import clip_rows, gaussian_release, noisy_gradient, plan_privacy, poisson_batch
 from fedfactory.registry import Module, load_registry
 from fedfactory.report import render_report

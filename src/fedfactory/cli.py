@@ -80,8 +80,8 @@ def cmd_split_sites(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from fedfactory.device import select_device
     from fedfactory.audit import audit_run, summary_line
+    from fedfactory.device import select_device
 
     doc = audit_run(args.run_dir, num_synthetic=args.synthetic, max_candidates=args.candidates,
                     figure=args.figure, device=select_device(args.device), site=args.site, data_root=args.data_root)
