@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from fedfactory.config import ClassifierConfig
 from fedfactory.data.datasets import to_float
 from fedfactory.errors import FedFactoryError
+from fedfactory.progress import progress as progress_bar
 
 
 class TrainingError(FedFactoryError, ValueError):
@@ -135,8 +135,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(len(images), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not progress, leave=False)
+        bar = progress_bar(range(steps_per_epoch), f"{desc} epoch {epoch + 1}/{cfg.epochs}", "batch", progress)
         for i in bar:
             # Scale one uint8 batch to [-1, 1] float; the synthetic set itself stays uint8.
             b = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]

@@ -31,12 +31,12 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from fedfactory.classifier import augment, build_classifier, predict_proba, train_classifier
 from fedfactory.config import BaselinesConfig, ClassifierConfig
 from fedfactory.data.datasets import ImageDataset, to_float
 from fedfactory.metrics import evaluate
+from fedfactory.progress import progress as progress_bar
 from fedfactory.seeding import derive_seed, numpy_rng
 
 FEDERATED = ("fedavg", "fedprox", "scaffold", "feddyn")
@@ -206,7 +206,7 @@ def train_federated(method: str, train: ImageDataset, parts: list[np.ndarray], t
     h, g_k = zeros(), [zeros() for _ in range(num_clients)]
     up, down = [0] * num_clients, [0] * num_clients
     history, best = [], None
-    for t in tqdm(range(1, cfg.rounds + 1), desc=method, unit="round", disable=not progress, leave=False):
+    for t in progress_bar(range(1, cfg.rounds + 1), method, "round", progress):
         # Sample the participants (everyone under full participation).
         if per_round < num_clients:
             chosen = np.sort(numpy_rng(root_seed, "baseline", stream, t, "participants").choice(
@@ -319,7 +319,7 @@ def train_local_only(train: ImageDataset, parts: list[np.ndarray], test: ImageDa
     model = initial_model(train, clf.width, root_seed, device, clf.norm)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     per_client = []
-    for k, rows in enumerate(tqdm(train_rows, desc="local-only", unit="client", disable=not progress, leave=False)):
+    for k, rows in enumerate(progress_bar(train_rows, "local-only", "client", progress)):
         model.load_state_dict(init)
         x, y = client_tensors(train, rows, device)
         for t in range(1, cfg.rounds + 1):

@@ -3,13 +3,13 @@ the product of experts, and the bytes each client sends and receives."""
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fedfactory.config import Config
 from fedfactory.data.datasets import ImageDataset
 from fedfactory.errors import FedFactoryError
 from fedfactory.generative.train import network_config, requested_training, sample_module
 from fedfactory.privacy.accounting import guarantee_problem
+from fedfactory.progress import progress as progress_bar
 from fedfactory.registry import Module
 from fedfactory.seeding import derive_seed
 
@@ -85,7 +85,7 @@ def synthesize(modules: list[Module], num_classes: int, samples_per_class: int,
     images = np.empty((sum(plan.values()), h, w, c), dtype=np.uint8)
     labels = np.empty(len(images), dtype=np.int64)
     start = 0
-    for manifest, tensors in tqdm(modules, desc="synthesis", unit="module", disable=not progress, leave=False):
+    for manifest, tensors in progress_bar(modules, "synthesis", "module", progress):
         if tuple(manifest["image_shape"]) != (c, h, w):
             raise SynthesisError(f"module {manifest['module_id']} has image shape {manifest['image_shape']}, "
                              f"others {[c, h, w]}: all modules of a federation must share one image shape")

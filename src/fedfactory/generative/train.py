@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fedfactory.config import NO_PRIVACY, GeneratorConfig, PrivacyConfig
 from fedfactory.data.datasets import to_float, to_uint8
@@ -43,6 +42,7 @@ from fedfactory.privacy.dp import (
     random_frequencies,
     secret_generator,
 )
+from fedfactory.progress import progress as progress_bar
 from fedfactory.seeding import derive_seed, torch_generator
 
 
@@ -225,7 +225,7 @@ def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: to
     data = torch.from_numpy(images)  # stays uint8; batches are scaled on the fly
     use_amp = device.type == "cuda"
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
+    bar = progress_bar(range(steps), desc, "step", progress)
     for step in bar:
         # Draw a batch: with replacement, so tiny classes still give full batches; a Poisson sample under DP.
         if plan is None:
