@@ -129,9 +129,9 @@ def as_reply(content: RecordDict, node_id: int):
     return make_message(metadata=md, content=content)
 
 
-def flat(cfg) -> dict:
-    """What a ClientApp's context.run_config holds for the deployment's run config file."""
-    return flatten_dict(tomllib.loads(to_toml(cfg) + "[flower]\ndeployment = true\n"))
+def flat(cfg, flower: str = "") -> dict:
+    """What a ClientApp's context.run_config holds for the deployment's run config file (plus `flower` lines)."""
+    return flatten_dict(tomllib.loads(to_toml(cfg) + "[flower]\ndeployment = true\n" + flower))
 
 
 def test_the_server_checks_what_a_site_claims(sites, tmp_path):
@@ -357,12 +357,12 @@ class InProcessGrid:
 
 
 def serve_in_process(sites: Path, out: Path, monkeypatch, *overrides: str,
-                     names: tuple[str, ...] = tuple(SITES)) -> dict:
+                     names: tuple[str, ...] = tuple(SITES), flower: str = "") -> dict:
     """serve_sites over an InProcessGrid of the healthy sites (all three by default)."""
     cfg = load_config("tiny", ["run.threads=1", "data.dataset=imagefolder", f"data.classes={CLASSES}",
                                f"data.num_clients={len(names)}", "reference.centralized=false", f"run.out={out}",
                                *overrides])
-    run_config = flat(cfg)
+    run_config = flat(cfg, flower)
     _, fl = parse_run_config(run_config)
     # What a ServerApp process has set before `main` runs: Message() reads the run and node ids from here.
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
@@ -426,6 +426,10 @@ def test_a_rerun_reuses_modules_and_retrains_what_a_sites_data_no_longer_backs(s
     next((mine / "site-b" / "train" / "5").iterdir()).unlink()
     changed = serve_in_process(mine, out, monkeypatch)
     assert changed["flower"]["stale_modules_removed"] == ["site-b_class-006"]
+    # Set aside, not deleted: the stale class-6 module, and the class-5 module its retrained one replaced.
+    assert sorted(p.name.split(".")[0] for p in (out / "modules" / "stale").iterdir()) == [
+        "site-b_class-005", "site-b_class-006"]
+    assert len(changed["flower"]["stale_modules_set_aside"]) == 2
     received = changed["flower"]["module_bytes_received"]
     assert received["site-a"] == received["site-c"] == 0 and received["site-b"] > 0
     assert "site-b_class-006" not in changed["modules"] and changed["missing_classes"] == ["6"]
@@ -472,3 +476,25 @@ def test_a_site_audits_its_own_modules_against_its_own_folder(sites, tmp_path, m
     shutil.copytree(sites / "site-b" / "train", tmp_path / "no-test" / "train")
     with pytest.raises(AuditError, match="test/ folder"):
         audit_run(run_dir, site="site-b", data_root=tmp_path / "no-test")
+
+
+def test_a_pin_file_binds_site_names_to_nodes_and_the_run_records_it(sites, tmp_path, monkeypatch):
+    # InProcessGrid's nodes are 100, 101, 102 for site-a, site-b, site-c; the pin file puts site-c on node 999, so
+    # the node that says it is site-c is an impostor: refused, and nothing of it is used.
+    pins = tmp_path / "federation.toml"
+    pins.write_text('[[site]]\nname = "site-a"\nnode_id = 100\nmax_test_images = 144\n'
+                    '[[site]]\nname = "site-b"\nnode_id = 101\n[[site]]\nname = "site-c"\nnode_id = 999\n')
+    metrics = serve_in_process(sites, tmp_path / "run", monkeypatch, flower=f"pins = {json.dumps(str(pins))}\n")
+    assert metrics["sites"] == ["site-a", "site-b"]
+    assert metrics["trust"] | {"note": ""} == {"pinned": True, "pin_file": str(pins), "note": "",
+                                               "sites": {"site-a": 100, "site-b": 101}}
+    assert any("site site-c is pinned to node 999" in e["reason"] for e in metrics["flower"]["errors"])
+    assert not any(m.startswith("site-c") for m in metrics["modules"])
+    ev = metrics["evaluation"]
+    assert ev["declared_test_images"] == {"site-a": 144, "site-b": 108}
+    assert sorted(ev["per_site"]) == ["site-a", "site-b"]
+    assert ev["per_site"]["site-a"]["num_test"] + ev["per_site"]["site-b"]["num_test"] == metrics["num_test"]
+    assert metrics["site_shares"]["site-b"]["5"]["image_share"] == 1.0
+    assert metrics["site_shares"]["site-b"]["5"]["synthetic"] == metrics["synthesis_plan"]["site-b_class-005"]
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Sites: trust and influence" in report and "site-b (node 101)" in report

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.flower
 ROOT = Path(__file__).resolve().parents[1]
 # 3 clients x 4 classes: 12 modules, some classes held by two clients, one thread so every process computes alike.
 OVERRIDES = ["data.num_clients=3", "data.classes_per_client=4", "run.threads=1"]
-FLOWER_ONLY = {"timings", "failed_clients", "missing_modules", "flower"}
+# trust and site_shares are written by the ServerApp (server_app.serve), not by `fedfactory run`.
+FLOWER_ONLY = {"timings", "failed_clients", "missing_modules", "flower", "trust", "site_shares"}
 
 
 def module_hashes(out: Path) -> dict[str, str]:
@@ -241,6 +242,10 @@ def test_simulation_engine_gives_the_runners_modules_and_metrics(reference, tmp_
         metrics = check_same_as_reference(reference, out, fed)
     assert metrics["failed_clients"] == [] and metrics["missing_modules"] == []
     assert len(metrics["flower"]["bytes_on_wire"]) == 3
+    assert metrics["trust"]["pinned"] is False and "checked against the partition" in metrics["trust"]["note"]
+    shares = metrics["site_shares"]
+    assert sorted(shares) == ["0", "1", "2"]
+    assert all(0 < r["image_share"] <= 1 for site in shares.values() for r in site.values())
 
 
 @pytest.fixture(scope="module")
