@@ -41,6 +41,13 @@ def test_tiny_run_writes_a_self_describing_directory(tiny_run):
     ref = metrics["reference"]
     assert ref["accuracy_ratio"] == metrics["accuracy"] / ref["centralized"]["accuracy"]
     assert len(json.loads((out / "partition.json").read_text())["histogram"]) == 10
+    # What the run trusted, and how much each client weighs in each class (silos: all of it), in the report too.
+    assert metrics["trust"]["pinned"] is False and "partition" in metrics["trust"]["note"]
+    hist = json.loads((out / "partition.json").read_text())["histogram"]
+    assert metrics["site_shares"]["3"] == {"3": {"images": hist[3][3], "image_share": 1.0,
+                                                 "synthetic": cfg.synthesis.samples_per_class, "synthetic_share": 1.0}}
+    assert json.loads((out / "metrics.json").read_text())["site_shares"] == metrics["site_shares"]
+    assert "Sites: trust and influence" in (out / "report.html").read_text()
 
 
 def test_same_seed_gives_identical_metrics_and_resume_reuses_modules(tiny_run, tmp_path):

@@ -29,7 +29,13 @@ from fedfactory.federation.factory import (
     synthesize,
     trained_as_asked,
 )
-from fedfactory.federation.intake import module_count_reason, partition_mismatches
+from fedfactory.federation.intake import (
+    class_shares,
+    flat_plan,
+    module_count_reason,
+    partition_mismatches,
+    trust_record,
+)
 from fedfactory.generative.artifact import ModuleError, module_filename, module_id, save_module
 from fedfactory.generative.train import module_privacy_plan
 from fedfactory.metrics import evaluate, format_table
@@ -292,9 +298,19 @@ def factory_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], t
                   test: ImageDataset, out: Path, device: torch.device, timer: Timer) -> dict:
     """The stage that follows the clients for cfg's classifier mode: server_stage or local_stage."""
     if cfg.classifier.mode == "local":
-        return local_stage(cfg, modules, parts, train, test, out, device, timer)
-    return server_stage(cfg, modules, train.class_names, test_set_score(test, device), out, device, timer,
-                        pooled=(train, test), test_name=test.name)
+        metrics = local_stage(cfg, modules, parts, train, test, out, device, timer)
+    else:
+        metrics = server_stage(cfg, modules, train.class_names, test_set_score(test, device), out, device, timer,
+                               pooled=(train, test), test_name=test.name)
+    # How much each client weighs in each class, in fedfactory run and a Flower simulation alike (a deployment's
+    # server records the same from the sites' reports).
+    histogram = class_histogram(train.labels, parts, train.num_classes)
+    counts = {str(k): {train.class_names[c]: int(n) for c, n in enumerate(row) if n} for k, row in enumerate(histogram)}
+    metrics["trust"] = trust_record(None, sorted(counts), simulation=True)
+    metrics["site_shares"] = class_shares(counts, flat_plan(metrics["synthesis_plan"]), [m for m, _ in modules],
+                                          train.class_names)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 def start_run(cfg: Config, kind: str = "run") -> tuple[Path, torch.device, Timer, ImageDataset, ImageDataset,

@@ -629,10 +629,6 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     metrics = factory_stage(cfg, modules, parts, train, test, out, device, timer)
     # server_stage has written metrics.json; this atomic rewrite adds the keys only a federated run has.
     metrics |= report
-    counts = {str(k): {train.class_names[c]: int(n) for c, n in enumerate(row) if n} for k, row in enumerate(histogram)}
-    metrics["trust"] = trust_record(None, sorted(counts), simulation=True)
-    metrics["site_shares"] = class_shares(counts, flat_plan(metrics["synthesis_plan"]), [m for m, _ in modules],
-                                          train.class_names)
     atomic_write_json(out / "metrics.json", metrics)
     log.info("report: %s", write_report(out, device=device))
     return metrics
