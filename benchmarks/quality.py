@@ -1,6 +1,6 @@
 """Quality sweep on a validation split: which generator and classifier recipe make the best synthetic data.
 
-Protocol (../shared/QUALITY-PROBES.md): Fashion-MNIST training set; validation = 1,000 images per class
+Protocol: Fashion-MNIST training set; validation = 1,000 images per class
 (a permutation of each class's rows drawn with numpy.random.default_rng(123), first 1,000), given to no
 client. Silos: client c trains one module on the other 5,000 images of class c. The classifier is scored on
 the validation images; the test set is never read here.
@@ -34,7 +34,7 @@ from fedfactory.seeding import derive_seed  # noqa: E402
 
 
 def validation_split(labels: np.ndarray, per_class: int = 1000, seed: int = 123) -> tuple[np.ndarray, np.ndarray]:
-    """(client rows, validation rows): per_class rows of every class held out, as in QUALITY-PROBES.md."""
+    """(client rows, validation rows): per_class rows of every class held out, as in the protocol above."""
     rng = np.random.default_rng(seed)
     val = []
     for c in range(int(labels.max()) + 1):

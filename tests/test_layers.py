@@ -1,4 +1,4 @@
-"""Imports point downwards only (DESIGN.md): a lower layer never imports an upper one, not even inside a function."""
+"""Imports point downwards only (docs/architecture.md, "Layers"): no layer imports an upper one, even in a function."""
 
 import ast
 from pathlib import Path

@@ -66,7 +66,7 @@ _MANIFEST_KEYS = frozenset(
         "library_version",
     }
 )
-# Present only in a differentially private module: its guarantee (DESIGN.md, module artifact).
+# Present only in a differentially private module: its guarantee (docs/architecture.md, "The module file").
 _OPTIONAL_KEYS = frozenset({"privacy"})
 _PRIVACY_KEYS = frozenset({"epsilon", "delta", "adjacency", "accountant", "mechanisms", "notes"})
 _ADJACENCIES = ("add-remove", "replace-one")
