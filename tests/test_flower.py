@@ -173,8 +173,9 @@ def test_server_rejects_bad_replies_and_writes_nothing_from_them(reference, clie
     assert list(tmp_path.iterdir()) == []
     assert [r["node_id"] for r in got.rejected] == [1, 3]
     assert "hash" in got.rejected[0]["reason"] and "holds no such class" in got.rejected[1]["reason"]
+    # Node 3 also carries client 0's release records, for modules client 2 does not hold: refused with them.
     assert [(e["node_id"], e["reason"][:12]) for e in got.errors] == [
-        (2, "boom"), (4, "client 1 ran"), (5, "client-id 7 ")]
+        (2, "boom"), (3, "release reco"), (4, "client 1 ran"), (5, "client-id 7 ")]
     # A second node answering for a client that already answered is refused, not merged.
     twice = collect([reply(6, good), reply(7, good)], {"ins-6": 6, "ins-7": 7}, cfg, expected_for(cfg), tmp_path,
                     histogram_for(cfg))

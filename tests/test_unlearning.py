@@ -79,7 +79,9 @@ def test_unlearning_a_silo_forgets_its_class_verifiably_and_leaves_the_source_un
     new = tree_hashes(out)
     expected = {f"modules/client-{k:03d}_class-{k:03d}.safetensors" for k in range(10) if k != 3}
     assert set(new) == expected | {"config.toml", "partition.json", "samples.png", "classifier.safetensors",
-                                   "metrics.json", "log.txt", "unlearning.json", "report.html"}
+                                   "metrics.json", "log.txt", "unlearning.json", "report.html", "release.json"}
+    assert sorted(read_json(out / "release.json")) == sorted(p.split("/")[1].removesuffix(".safetensors")
+                                                               for p in expected)
     assert not {h for p, h in new.items() if p not in expected} & set(source.values())
     assert not any(p.name.startswith(".") for p in silos.parent.iterdir())
 

@@ -125,6 +125,15 @@ NO_PRIVACY = PrivacyConfig()
 
 
 @dataclass(frozen=True)
+class ReleaseConfig:
+    """The release check at the site: before a module leaves, its samples are compared with its training images."""
+
+    # A module whose near-copy fraction (fedfactory.audit.near_copy_ratios) is above this is withheld: not sent,
+    # reported with its numbers, and its class left to the other holders. 1 never withholds (the check still runs).
+    max_copy_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -134,6 +143,7 @@ class Config:
     reference: ReferenceConfig = ReferenceConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    release: ReleaseConfig = ReleaseConfig()
 
 
 CHOICES = {
@@ -240,6 +250,10 @@ def _validate(cfg: Config) -> Config:
     if not 0 <= cfg.classifier.label_smoothing < 1:
         raise ConfigError(f"classifier.label_smoothing={cfg.classifier.label_smoothing}: must lie in [0, 1)")
     _validate_privacy(cfg)
+    if not 0 <= cfg.release.max_copy_fraction <= 1:
+        raise ConfigError(f"release.max_copy_fraction={cfg.release.max_copy_fraction}: must lie in [0, 1] (the "
+                          "largest share of a module's samples that may be near-copies of its training images; "
+                          "1 never withholds)")
     b = cfg.baselines
     if b.lr <= 0:
         raise ConfigError(f"baselines.lr={b.lr}: the learning rate must be > 0")

@@ -310,6 +310,31 @@ def section_partition(run: RunFiles) -> str:
             f'{img(figure_uri(fig), "Partition heatmap")}</div></section>')
 
 
+def section_release(run: RunFiles) -> str:
+    """The release check: which modules stayed at their sites because they replay their images, with the numbers,
+    the cells too small for a module, and the classes left without one."""
+    r = (run.metrics or {}).get("release")
+    if not r:
+        return ""
+    out = ["<section><h2>Release check</h2>",
+           f"<p>{fmt(r['checked'])} modules checked at their sites before release: a module is withheld when more than "
+           f"{fmt(r['max_copy_fraction'], 3)} of its samples are near-copies of its training images. Cells under "
+           f"generator.min_samples = {fmt(r['min_samples'])} images train no module.</p>"]
+    if r["withheld"]:
+        out.append(table(["withheld module", "images", "near-copy fraction", "median ratio", "reference"],
+                         [[esc(mid), fmt(w["num_samples"]), fmt(w["copy_fraction"], 3), fmt(w["ratio_median"], 3),
+                           esc(w["reference"])] for mid, w in sorted(r["withheld"].items())], "num"))
+    else:
+        out.append(note("No module was withheld."))
+    if r["below_min_samples"]:
+        cells = ", ".join(f"{esc(c['client'])}/{esc(c['class'])} ({fmt(c['images'])})" for c in r["below_min_samples"])
+        out.append(f"<p>Cells below generator.min_samples (client/class, images): {cells}.</p>")
+    if r["classes_without_module"]:
+        out.append(note("Classes without any module (no synthetic images; the server's classifier never sees them): "
+                        + ", ".join(r["classes_without_module"]) + "."))
+    return "".join(out) + "</section>"
+
+
 def section_sites(run: RunFiles) -> str:
     """Trust and influence: whether names and counts were pinned, each site's share of each class (real images and
     the synthetic images its modules made), and each site's own evaluation beside the pooled one."""
@@ -646,6 +671,7 @@ def render_report(run_dir: Path, show_real: bool = False, device: torch.device |
         guarded("Modules", section_modules, run, show_real, samples_per_module, device, max_module_cards),
         guarded("Partition", section_partition, run),
         guarded("Sites: trust and influence", section_sites, run),
+        guarded("Release check", section_release, run),
         guarded("Comparison", section_comparison, run),
         guarded("Unlearning certificate", section_unlearning, run),
         guarded("Privacy", section_privacy, run),

@@ -1,10 +1,13 @@
-"""What a client does: train one generative module per class it holds, from scratch, on its own data."""
+"""What a client does: train one generative module per class it holds, from scratch, on its own data, and check
+each one before it may leave the site (the release check: a module that replays its images stays home)."""
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedfactory.audit import release_check
 from fedfactory.config import NO_PRIVACY, Config, GeneratorConfig, PrivacyConfig
 from fedfactory.data.datasets import ImageDataset
 from fedfactory.data.partition import implied_cells
@@ -33,14 +36,37 @@ def train_client_module(data: ImageDataset, client_id: int, class_id: int, cfg: 
     return Module(manifest, tensors)
 
 
-def train_client_modules(data: ImageDataset, client_id: int, cfg: Config, device: torch.device,
-                         skip: Callable[[str], bool] = lambda mid: False) -> Iterator[Module]:
-    """Train G_{k,c} for each class c the client holds generator.min_samples images of, unless skip(module id)."""
+@dataclass(frozen=True)
+class Trained:
+    """A module a client trained, and the release check's verdict on it (fedfactory.audit.release_check)."""
+
+    module: Module
+    release: dict
+
+    @property
+    def released(self) -> bool:
+        return self.release["released"]
+
+
+def train_client_modules(data: ImageDataset, client_id: int | str, cfg: Config, device: torch.device,
+                         skip: Callable[[str], bool] = lambda mid: False,
+                         held_out: ImageDataset | None = None) -> Iterator[Trained]:
+    """Train G_{k,c} for each class c the client holds generator.min_samples images of, unless skip(module id), and
+    check each before release against the client's images of c (and its held-out images of c, where it has them).
+
+    The check samples with the run seed, so its verdict is deterministic: a withheld module is withheld again on a
+    rerun, and exact unlearning's verification reproduces it.
+    """
     held = held_classes(data, cfg.generator.min_samples)
     # Every module's budget is checked before the first one trains, so a refusal wastes no training.
     for c, n in held.items():
         module_privacy_plan(cfg.generator, cfg.privacy, n, module_id(client_id, c))
     for c in held:
-        if not skip(module_id(client_id, c)):
-            yield train_client_module(data, client_id, c, cfg.generator, cfg.run.seed, device,
-                                      progress=cfg.run.progress, privacy=cfg.privacy)
+        if skip(module_id(client_id, c)):
+            continue
+        module = train_client_module(data, client_id, c, cfg.generator, cfg.run.seed, device,
+                                     progress=cfg.run.progress, privacy=cfg.privacy)
+        members = data.images[data.labels == c]
+        reference = None if held_out is None else held_out.images[held_out.labels == c]
+        yield Trained(module, release_check(module, members, reference, cfg.run.seed,
+                                            cfg.release.max_copy_fraction, device))

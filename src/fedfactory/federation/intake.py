@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from fedfactory.config import ConfigError
+from fedfactory.data.partition import implied_cells
 from fedfactory.errors import FedFactoryError
-from fedfactory.generative.artifact import is_site_name
+from fedfactory.generative.artifact import is_site_name, module_id
 from fedfactory.metrics import NUM_BINS, check_counts
 
 # A site's images of one class or of its test set, as it reports them: far beyond any real site, and small enough
@@ -300,3 +301,51 @@ def trust_record(pins: Pins | None, sites: list[str], simulation: bool = False) 
     return {"pinned": True, "pin_file": pins.path, "sites": {s: pins.of(s).node_id for s in sites if pins.of(s)},
             "note": f"names bound to the SuperLink-authenticated node ids in {pins.path}, counts to its ceilings"}
 
+
+
+RELEASE_KEYS = {"module_id": str, "num_samples": int, "copy_fraction": float, "max_copy_fraction": float,
+                "released": bool, "ratio_quantiles": dict, "reference": str, "num_synthetic": int}
+
+
+def release_records(raw: object, expected: list[str] | tuple, whose: str) -> dict[str, dict]:
+    """The release-check records a reply carries (module id -> record), each for a module the server expects from
+    this sender and of the shape fedfactory.audit.release_check writes; ClaimError otherwise."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, list) or len(raw) > len(expected):
+        raise ClaimError(f"{whose}: release records must be a list of at most {len(expected)} (one per module)")
+    out = {}
+    for r in raw:
+        if not isinstance(r, dict) or r.keys() != RELEASE_KEYS.keys() or r.get("module_id") not in expected:
+            raise ClaimError(f"{whose}: a release record must have exactly {', '.join(sorted(RELEASE_KEYS))}, for "
+                             "a module this sender holds")
+        bad = [k for k, kind in RELEASE_KEYS.items() if not isinstance(r[k], kind) or (kind is int and
+                                                                                      isinstance(r[k], bool))]
+        if bad or not 0 <= r["copy_fraction"] <= 1 or len(r["reference"]) > MAX_ERROR_CHARS:
+            raise ClaimError(f"{whose}: release record of {r['module_id']} has bad {bad or ['copy_fraction']}")
+        out[r["module_id"]] = r
+    return out
+
+
+def release_summary(records: dict[str, dict], histogram: np.ndarray, clients: list, class_names: tuple[str, ...],
+                    min_samples: int, max_copy_fraction: float) -> dict:
+    """metrics.json's release: the modules the release check withheld (with its numbers), the cells too small for a
+    module (generator.min_samples), and the classes that lost every module that way.
+
+    A class without any module gets no synthetic images: the server's classifier never sees it (it is listed in
+    missing_classes), and in local mode only its holders' experts, trained on their real images, know it.
+    """
+    hist = np.atleast_2d(np.asarray(histogram, dtype=np.int64))
+    cells = implied_cells(hist, min_samples)
+    ids = {module_id(clients[k], c): (k, c) for k, c in cells}
+    checked = {mid: r for mid, r in records.items() if mid in ids}
+    withheld = {mid: {"num_samples": r["num_samples"], "copy_fraction": r["copy_fraction"],
+                      "reference": r["reference"], "ratio_median": r["ratio_quantiles"].get("0.5")}
+                for mid, r in sorted(checked.items()) if not r["released"]}
+    covered = {c for mid, (_, c) in ids.items() if mid not in withheld}
+    small = [{"client": clients[k], "class": class_names[c], "images": int(hist[k, c])}
+             for k, c in zip(*np.nonzero((hist > 0) & (hist < min_samples)), strict=True)]
+    held = {int(c) for c in np.flatnonzero(hist.sum(0) > 0)}
+    return {"max_copy_fraction": max_copy_fraction, "min_samples": min_samples, "checked": len(checked),
+            "withheld": withheld, "below_min_samples": small,
+            "classes_without_module": [class_names[c] for c in sorted(held - covered)]}

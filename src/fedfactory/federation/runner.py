@@ -20,7 +20,7 @@ from fedfactory.config import Config, config_hash
 from fedfactory.data.datasets import ImageDataset, load_data
 from fedfactory.data.partition import class_histogram, format_histogram, split_clients
 from fedfactory.device import select_device
-from fedfactory.federation.client import held_classes, train_client_modules
+from fedfactory.federation.client import Trained, held_classes, train_client_modules
 from fedfactory.federation.factory import (
     bytes_per_client,
     combine_experts,
@@ -34,6 +34,7 @@ from fedfactory.federation.intake import (
     flat_plan,
     module_count_reason,
     partition_mismatches,
+    release_summary,
     trust_record,
 )
 from fedfactory.generative.artifact import ModuleError, module_filename, module_id, save_module
@@ -110,15 +111,41 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
             return False
 
         t0 = time.perf_counter()
-        for manifest, tensors in train_client_modules(client, k, cfg, device, skip=reuse):
-            path = out / "modules" / module_filename(manifest["module_id"])
-            save_module(path, tensors, manifest)
+        for trained in train_client_modules(client, k, cfg, device, skip=reuse):
             dt = time.perf_counter() - t0
             timer.add("client_training", dt)
-            log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, manifest["class_id"],
-                     manifest["class_name"], manifest["num_samples"], manifest["training"]["steps"], dt,
-                     path.stat().st_size)
+            if keep_released(out, trained) is not None:
+                manifest = trained.module.manifest
+                log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, manifest["class_id"],
+                         manifest["class_name"], manifest["num_samples"], manifest["training"]["steps"], dt,
+                         (out / "modules" / module_filename(manifest["module_id"])).stat().st_size)
             t0 = time.perf_counter()
+
+
+def keep_released(out: Path, trained: Trained) -> dict | None:
+    """Write a trained module to the registry if the release check passed it; record the verdict in release.json
+    either way. Returns the written module's full manifest, None for a withheld module."""
+    r = trained.release
+    record_release(out, [r])
+    if not trained.released:
+        log.info("%s withheld by the release check: %.1f%% of %d samples are near-copies of its %d training images "
+                 "(reference: %s), above release.max_copy_fraction=%g", r["module_id"], 100 * r["copy_fraction"],
+                 r["num_synthetic"], r["num_samples"], r["reference"], r["max_copy_fraction"])
+        return None
+    return save_module(out / "modules" / module_filename(r["module_id"]), trained.module.tensors,
+                       trained.module.manifest)
+
+
+def record_release(out: Path, records: list[dict]) -> None:
+    """Merge release-check records into out/release.json (module id -> record): a resumed run keeps the earlier
+    ones, and a module checked again replaces its record."""
+    atomic_write_json(out / "release.json", read_release(out) | {r["module_id"]: r for r in records})
+
+
+def read_release(out: Path) -> dict[str, dict]:
+    """out/release.json's records, {} where the run has none (a run from before the release check)."""
+    path = out / "release.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def save_classifier(model: torch.nn.Module, path: Path) -> None:
@@ -305,6 +332,8 @@ def factory_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], t
     # How much each client weighs in each class, in fedfactory run and a Flower simulation alike (a deployment's
     # server records the same from the sites' reports).
     histogram = class_histogram(train.labels, parts, train.num_classes)
+    metrics["release"] = release_summary(read_release(out), histogram, list(range(len(parts))), train.class_names,
+                                         cfg.generator.min_samples, cfg.release.max_copy_fraction)
     counts = {str(k): {train.class_names[c]: int(n) for c, n in enumerate(row) if n} for k, row in enumerate(histogram)}
     metrics["trust"] = trust_record(None, sorted(counts), simulation=True)
     metrics["site_shares"] = class_shares(counts, flat_plan(metrics["synthesis_plan"]), [m for m, _ in modules],

@@ -41,8 +41,15 @@ from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import train_client_modules
-from fedfactory.federation.runner import factory_stage, server_stage, test_set_score
-from fedfactory.generative.artifact import module_filename, module_id, save_module, weights_sha256
+from fedfactory.federation.runner import (
+    factory_stage,
+    keep_released,
+    read_release,
+    record_release,
+    server_stage,
+    test_set_score,
+)
+from fedfactory.generative.artifact import module_filename, module_id, weights_sha256
 from fedfactory.metrics import metrics_from_counts, score_counts
 from fedfactory.registry import Module, load_registry
 from fedfactory.report import write_report
@@ -136,11 +143,13 @@ def client_parts(partition_doc: dict, train: ImageDataset, num_clients: int) -> 
 
 
 def check_registry_matches(manifests: dict[str, dict], hist: np.ndarray, min_samples: int,
-                           clients: list[int | str] | None = None) -> None:
+                           clients: list[int | str] | None = None, withheld: frozenset[str] = frozenset()) -> None:
     """Every (client, class) cell of the class histogram that implies a module has exactly one, trained on that many
-    real images. `clients` names the histogram's rows (a deployment's sites); default 0, 1, ..."""
+    real images, unless the release check withheld it. `clients` names the histogram's rows (a deployment's sites);
+    default 0, 1, ..."""
     clients = clients or list(range(len(hist)))
-    held = {module_id(clients[k], c): n for (k, c), n in implied_cells(hist, min_samples).items()}
+    held = {module_id(clients[k], c): n for (k, c), n in implied_cells(hist, min_samples).items()
+            if module_id(clients[k], c) not in withheld}
     declared = {mid: m["num_samples"] for mid, m in manifests.items()}
     if held != declared:
         diff = sorted(set(held.items()) ^ set(declared.items()))[:3]
@@ -267,6 +276,19 @@ def first_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     return None
 
 
+def withheld_modules(run_dir: Path) -> frozenset[str]:
+    """Module ids the run's release check withheld (release.json)."""
+    return frozenset(mid for mid, r in read_release(run_dir).items() if not r["released"])
+
+
+def keep_release_records(run_dir: Path, stage: Path, removed: list[dict], clients) -> None:
+    """The source run's release records without the removed modules' and the withdrawn clients' ones."""
+    gone = {m["module_id"] for m in removed}
+    prefixes = tuple(f"{module_id(k, 0).rsplit('_', 1)[0]}_" for k in clients)
+    record_release(stage, [r for mid, r in read_release(run_dir).items()
+                           if mid not in gone and not (prefixes and mid.startswith(prefixes))])
+
+
 def withdraw_rows(parts: list[np.ndarray], labels: np.ndarray, removed: list[dict], clients=()) -> list[np.ndarray]:
     """The partition without the removed modules' rows and without every row of a withdrawn client."""
     # A withdrawn client also loses its cells too small for a module: local mode would train its expert on them.
@@ -295,10 +317,15 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
         if private:
             for path in sorted((unlearned_dir / "modules").glob("*.safetensors")):
                 shutil.copyfile(path, tmp / "modules" / path.name)
+            record_release(tmp, list(read_release(unlearned_dir).values()))
             trained = set(expected)
         for k, rows in enumerate([] if private else parts):
-            for manifest, tensors in train_client_modules(train.subset(rows), k, cfg, device):
-                full = save_module(tmp / "modules" / module_filename(manifest["module_id"]), tensors, manifest)
+            for t in train_client_modules(train.subset(rows), k, cfg, device):
+                # The release check runs again; a withheld module must be withheld again (metrics["release"]).
+                full = keep_released(tmp, t)
+                if full is None:
+                    continue
+                tensors = t.module.tensors
                 mid = full["module_id"]
                 trained.add(mid)
                 if mid not in expected or full["weights_sha256"] != expected[mid].manifest["weights_sha256"]:
@@ -347,7 +374,7 @@ def deployment_stage(cfg: Config, partition_doc: dict, source: dict[str, dict], 
     sites, hist = list(partition_doc["sites"]), np.asarray(partition_doc["histogram"], dtype=np.int64)
     if hist.shape != (len(sites), len(class_names)):
         raise UnlearningError(f"{run_dir / 'partition.json'}: histogram is not sites x classes; restore it")
-    check_registry_matches(source, hist, cfg.generator.min_samples, sites)
+    check_registry_matches(source, hist, cfg.generator.min_samples, sites, withheld=withheld_modules(run_dir))
     for k in clients:
         hist[sites.index(k)] = 0
     for mid in removed:
@@ -356,6 +383,7 @@ def deployment_stage(cfg: Config, partition_doc: dict, source: dict[str, dict], 
     atomic_write_json(stage / "partition.json", partition_doc | {"histogram": hist.tolist(),
                                                                  "withdrawn_modules": withdrawn})
     atomic_write_text(stage / "config.toml", to_toml(cfg))
+    keep_release_records(run_dir, stage, [source[mid] for mid in removed], clients)
     for mid in source:
         if mid not in removed:
             name = module_filename(mid)
@@ -414,7 +442,7 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
             parts = client_parts(partition_doc, train, cfg.data.num_clients)
             check_confusion(before, train.num_classes, run_dir)
             check_registry_matches(source, class_histogram(train.labels, parts, train.num_classes),
-                                   cfg.generator.min_samples)
+                                   cfg.generator.min_samples, withheld=withheld_modules(run_dir))
             parts = withdraw_rows(parts, train.labels, [source[mid] for mid in removed], clients)
             withdrawn = sorted(set(partition_doc.get("withdrawn_modules", [])) | set(removed))
             atomic_write_json(stage / "partition.json", partition_doc | {
@@ -423,7 +451,9 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
             atomic_write_text(stage / "config.toml", to_toml(new_cfg))
             timer.add("data", time.perf_counter() - t0)
 
-            # Copy the remaining modules; loading them again re-checks every hash.
+            # Copy the remaining modules (loading them again re-checks every hash) and the release checks of the
+            # remaining clients' modules, withheld ones included.
+            keep_release_records(run_dir, stage, [source[mid] for mid in removed], clients)
             for mid in remaining:
                 name = module_filename(mid)
                 atomic_write_bytes(stage / "modules" / name, (run_dir / "modules" / name).read_bytes())
@@ -446,6 +476,8 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
             "remaining_modules": [module_record(stage / "modules" / module_filename(m["module_id"]), m)
                                   for m, _ in registry],
             "withdrawn_modules_total": withdrawn,
+            # Modules of the remaining clients that the release check kept at their sites, in both runs.
+            "withheld_modules": sorted(withheld_modules(stage)),
             "seed": new_cfg.run.seed,
             "device": str(device),
             "torch_threads": torch.get_num_threads(),

@@ -110,10 +110,19 @@ def local_data(cfg: Config, client_id: int) -> ImageDataset:
 
 
 def train_modules(data: ImageDataset, client_id: int | str, cfg: Config, device: torch.device,
-                  skip: frozenset[str] = frozenset()) -> dict[str, bytes]:
-    """Module id -> module file bytes, for every held class not in `skip`."""
-    return {m.manifest["module_id"]: module_to_bytes(m.tensors, m.manifest)[0]
-            for m in train_client_modules(data, client_id, cfg, device, skip=skip.__contains__)}
+                  skip: frozenset[str] = frozenset(),
+                  held_out: ImageDataset | None = None) -> tuple[dict[str, bytes], list[dict]]:
+    """Module id -> module file bytes for every held class not in `skip` that passes the release check, and the
+    check's record of every module trained (a withheld module's bytes never leave the site)."""
+    modules, records = {}, []
+    for t in train_client_modules(data, client_id, cfg, device, skip=skip.__contains__, held_out=held_out):
+        records.append(t.release)
+        if t.released:
+            modules[t.module.manifest["module_id"]] = module_to_bytes(t.module.tensors, t.module.manifest)[0]
+        else:
+            log.info("fedfactory %s: %s withheld by the release check (%.1f%% near-copies, reference: %s)",
+                     client_id, t.release["module_id"], 100 * t.release["copy_fraction"], t.release["reference"])
+    return modules, records
 
 
 def train_expert(msg: Message, site: str, data: ImageDataset, cfg: Config, device: torch.device,
@@ -134,6 +143,16 @@ def train_expert(msg: Message, site: str, data: ImageDataset, cfg: Config, devic
     log.info("fedfactory site %s: expert trained on %d real + %d synthetic images from %d modules in %.1fs", site,
              len(data), len(images) - len(data), len(modules), seconds)
     return Message(expert_reply_content(site, config_hash(cfg), weights, seconds), reply_to=msg)
+
+
+def held_out_images(cfg: Config, site: str, root: Path, dataset: str) -> ImageDataset | None:
+    """The site's test folder for the release check, or None where it has none or it does not load (the check then
+    compares with the second-nearest training image instead)."""
+    try:
+        return site_data(cfg, root, dataset, "test")
+    except FedFactoryError as e:
+        log.info("fedfactory site %s: no held-out images for the release check (%s)", site, e)
+        return None
 
 
 def declared_test_images(cfg: Config, site: str, root: Path, dataset: str) -> int:
@@ -165,7 +184,8 @@ def train(msg: Message, context: Context) -> Message:
                 return train_expert(msg, site, data, cfg, device, t0)
             trained_on = dict(zip(task.get("skip", []), task.get("skip-counts", []), strict=False))
             skip = frozenset(module_id(site, c) for c, n in held.items() if trained_on.get(module_id(site, c)) == n)
-            modules = train_modules(data, site, cfg, device, skip)
+            # The site's test folder, where it has one, is the release check's held-out reference.
+            modules, release = train_modules(data, site, cfg, device, skip, held_out_images(cfg, site, root, dataset))
         except (FedFactoryError, ModuleError) as e:
             # The site's own data is at fault: say so under the site's name, so the server can name it.
             log.info("fedfactory site %s: %s", site, e)
@@ -174,13 +194,14 @@ def train(msg: Message, context: Context) -> Message:
         seconds = time.perf_counter() - t0
         log.info("fedfactory site %s: %d images of %d classes, %d test images, trained %d modules, %d bytes, in %.1fs",
                  site, len(data), len(counts), test_images, len(modules), sum(map(len, modules.values())), seconds)
-        return Message(site_reply_content(site, config_hash(cfg), counts, modules, seconds, test_images), reply_to=msg)
+        return Message(site_reply_content(site, config_hash(cfg), counts, modules, seconds, test_images, release),
+                       reply_to=msg)
     k = node_partition(dict(context.node_config), cfg.data.num_clients)
-    modules = train_modules(local_data(cfg, k), k, cfg, device, skip)
+    modules, release = train_modules(local_data(cfg, k), k, cfg, device, skip)
     seconds = time.perf_counter() - t0
     log.info("fedfactory client %d: trained %d modules, %d bytes, in %.1fs", k, len(modules),
              sum(map(len, modules.values())), seconds)
-    return Message(reply_content(k, config_hash(cfg), modules, seconds), reply_to=msg)
+    return Message(reply_content(k, config_hash(cfg), modules, seconds, release), reply_to=msg)
 
 
 @app.evaluate()

@@ -46,6 +46,8 @@ from fedfactory.federation.intake import (
     load_pins,
     module_count_reason,
     oversized,
+    release_records,
+    release_summary,
     stale_modules,
     trust_record,
 )
@@ -54,6 +56,8 @@ from fedfactory.federation.runner import (
     check_against_partition,
     factory_stage,
     input_blur,
+    read_release,
+    record_release,
     reusable_module,
     server_stage,
     start_run,
@@ -72,6 +76,7 @@ from fedfactory.flower.wire import (
     classifier_content,
     expert_task_content,
     module_bytes,
+    release_list,
     task_content,
     wire_bytes,
 )
@@ -112,6 +117,7 @@ class Collected:
     claims: dict[str, SiteClaim] = field(default_factory=dict)  # deployment: site -> its accepted train claim
     pins: Pins | None = None  # deployment: the operator's pin file (flower.pins), None when names are trusted
     set_aside: list[str] = field(default_factory=list)  # files moved to modules/stale/ rather than overwritten
+    release: dict[str, dict] = field(default_factory=dict)  # module id -> the sender's release-check record
 
 
 def expected_modules(train: ImageDataset, parts: list[np.ndarray], min_samples: int = 1) -> dict[int, list[str]]:
@@ -199,6 +205,11 @@ def take_modules(reply: Message, node: int, k: int | str, expected: list[str] | 
     `counts`: class id -> the images of the sender's cell (the site's report, or the partition in a simulation);
     a module must say the same. `whose` names that source in the refusal.
     """
+    try:
+        got.release |= release_records(release_list(reply.content.config_records[CLIENT]), expected, whose_name(k))
+    except (ModuleError, ClaimError) as e:
+        got.errors.append({"node_id": node, "reason": f"release records refused: {e}"})
+        log.info("node %d: release records refused: %s", node, e)
     for mid, array in reply.content.array_records[MODULES].items():
         source = f"node {node} client {k} module {mid[:40]!r}"
         try:
@@ -224,6 +235,10 @@ def take_modules(reply: Message, node: int, k: int | str, expected: list[str] | 
         atomic_write_bytes(path, data)
         got.accepted[k].append(mid)
         got.module_bytes[k] += len(data)
+
+
+def whose_name(k: int | str) -> str:
+    return f"client {k}" if isinstance(k, int) else f"site {k}"
 
 
 def identified(replies: list[Message], node_of: dict[str, int], got: Collected, identify):
@@ -534,6 +549,7 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
     timer.add("clients_round_trip", time.perf_counter() - t0)
     got = collect_sites(replies, node_of, cfg, classes, out / "modules", pins)
+    record_release(out, list(got.release.values()))
     stale = set_aside_stale_modules(out / "modules", got)
     for node in silent:
         got.errors.append({"node_id": node, "reason": f"no reply within flower.train_timeout={fl.train_timeout}s"})
@@ -576,6 +592,8 @@ def serve_sites(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
         score = score_at_sites(grid, cfg, fl, got, classes, report)
         metrics = server_stage(cfg, modules, classes, score, out, device, timer, test_name="the sites' test folders")
     metrics |= report
+    metrics["release"] = release_summary(read_release(out), [[got.counts[s].get(c, 0) for c in classes] for s in sites],
+                                         sites, classes, cfg.generator.min_samples, cfg.release.max_copy_fraction)
     metrics["site_shares"] = class_shares(got.counts, flat_plan(metrics.get("synthesis_plan", {})),
                                           [m for m, _ in modules], classes)
     atomic_write_json(out / "metrics.json", metrics)
@@ -612,6 +630,7 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
     timer.add("clients_round_trip", time.perf_counter() - t0)
     got = collect(replies, node_of, cfg, expected, out / "modules", histogram)
+    record_release(out, list(got.release.values()))
     for node in silent:
         got.errors.append({"node_id": node, "reason": f"no reply within flower.train_timeout={fl.train_timeout}s"})
         log.info("node %d: no reply within %.0fs", node, fl.train_timeout)

@@ -8,6 +8,8 @@ in a ConfigRecord, because Flower splits Arrays into chunks of FLWR_PRIVATE_MAX_
 large modules stream; the custom stype keeps Flower from ever calling `np.load` on them.
 """
 
+import json
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
@@ -23,6 +25,22 @@ EVALUATE = "evaluate"  # message type: score this classifier on the site's test 
 CLASSIFIER = "classifier"  # ArrayRecord of an evaluate message: "weights" -> the classifier's safetensors bytes
 CLASSIFIER_STYPE = "fedfactory.classifier"
 COUNTS = "counts"  # ArrayRecord of an evaluate reply: confusion, positive, negative (metrics.score_counts)
+RELEASE = "release"  # train reply's CLIENT entry: JSON list of the release check's records (audit.release_check)
+MAX_RELEASE_CHARS = 1 << 20  # of that JSON: a record is about 400 characters
+
+
+def release_list(info) -> list | None:
+    """The release records a train reply's ConfigRecord carries, decoded (bounded before json.loads); None if none."""
+    raw = info.get(RELEASE)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or len(raw) > MAX_RELEASE_CHARS:
+        raise ModuleError(f"the reply's {RELEASE!r} entry must be a JSON string of at most {MAX_RELEASE_CHARS} "
+                          "characters")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModuleError(f"the reply's {RELEASE!r} entry is not JSON ({e})") from None
 
 
 def module_array(data: bytes) -> Array:
@@ -84,11 +102,13 @@ def expert_reply_content(site: str, config_hash: str, weights: bytes, seconds: f
 
 
 def site_reply_content(site: str, config_hash: str, counts: dict[str, int], modules: dict[str, bytes],
-                       train_seconds: float, test_images: int = 0) -> RecordDict:
-    """A deployment site's train reply: its name, its images per class (class name -> count), its modules, and the
-    test images it will score (declared before scoring, so the server can bound its evaluation counts)."""
+                       train_seconds: float, test_images: int = 0, release: list[dict] = ()) -> RecordDict:
+    """A deployment site's train reply: its name, its images per class (class name -> count), its modules, the
+    test images it will score (declared before scoring, so the server can bound its evaluation counts), and the
+    release check's record of every module it trained (withheld ones included)."""
     info = ConfigRecord({"site": site, "config-hash": config_hash, "train-seconds": train_seconds,
-                         "classes": list(counts), "counts": list(counts.values()), "test-images": test_images})
+                         "classes": list(counts), "counts": list(counts.values()), "test-images": test_images,
+                         RELEASE: json.dumps(list(release))})
     return RecordDict({MODULES: ArrayRecord({mid: module_array(data) for mid, data in modules.items()}),
                        CLIENT: info})
 
@@ -113,8 +133,10 @@ def task_content(config_hash: str, skip: list[str], skip_counts: list[int] | Non
     return RecordDict({TASK: ConfigRecord(task | ({} if skip_counts is None else {"skip-counts": list(skip_counts)}))})
 
 
-def reply_content(client_id: int, config_hash: str, modules: dict[str, bytes], train_seconds: float) -> RecordDict:
-    info = ConfigRecord({"client-id": client_id, "config-hash": config_hash, "train-seconds": train_seconds})
+def reply_content(client_id: int, config_hash: str, modules: dict[str, bytes], train_seconds: float,
+                  release: list[dict] = ()) -> RecordDict:
+    info = ConfigRecord({"client-id": client_id, "config-hash": config_hash, "train-seconds": train_seconds,
+                         RELEASE: json.dumps(list(release))})
     return RecordDict({MODULES: ArrayRecord({mid: module_array(data) for mid, data in modules.items()}),
                        CLIENT: info})
 
