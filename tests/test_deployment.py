@@ -152,7 +152,7 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
         lying(10, site="site-f", error="x" * 10**5),  # an error text too long to keep whole
         lying(3, classes=["4", "4", "6"]),  # a class twice
         lying(4, site="Site B"),  # not a site name
-        lying(5, one, classes=["4"], counts=[7]),  # the module was trained on more images than reported
+        lying(5, one, classes=["4"], counts=[100]),  # the module was trained on more images than reported
         lying(6, one, site="site-e", classes=["5"], counts=[146]),  # a module of a class it did not report
     ]
     got = collect_sites(replies, {f"ins-{n}": n for n in (*range(1, 7), 9, 10)}, cfg, class_list(CLASSES), tmp_path)
@@ -162,7 +162,7 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
     assert got.site_errors["site-f"] == "x" * 2000 and len(reasons[10]) < 2100
     assert "a class twice" in reasons[3] and "not a site name" in reasons[4]
     assert [r["node_id"] for r in got.rejected] == [5, 6]
-    assert "site reported 7" in got.rejected[0]["reason"] and "reported no such class" in got.rejected[1]["reason"]
+    assert "site reported 100" in got.rejected[0]["reason"] and "reported no such class" in got.rejected[1]["reason"]
     assert list(tmp_path.iterdir()) == []
     # A second node claiming a site that already answered is refused, not merged.
     got = collect_sites([as_reply(good, 7), as_reply(good, 8)], {"ins-7": 7, "ins-8": 8}, cfg, class_list(CLASSES),

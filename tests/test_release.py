@@ -23,7 +23,7 @@ def client_with(counts: dict[int, int]):
 
 def test_a_module_built_to_replay_is_withheld_and_a_large_cell_is_released():
     # One image: a model of it is that image. Two images and 300 steps: the autoencoder reproduces both.
-    cfg = load_config("tiny", ["generator.steps=300"])
+    cfg = load_config("tiny", ["generator.steps=300", "generator.min_samples=1"])
     trained = {t.module.manifest["module_id"]: t for t in
                train_client_modules(client_with({0: 1, 1: 2, 2: 140}), 0, cfg, torch.device("cpu"))}
     one, two, large = (trained[f"client-000_class-00{c}"].release for c in range(3))
@@ -87,7 +87,7 @@ def test_a_flower_client_never_sends_a_withheld_module_and_the_server_records_it
     from fedfactory.flower.server_app import collect
     from fedfactory.flower.wire import reply_content
 
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", ["generator.min_samples=1"])
     data = client_with({0: 1, 2: 140})
     modules, release = train_modules(data, 0, cfg, torch.device("cpu"))
     assert list(modules) == ["client-000_class-002"]  # the one-image module's bytes never leave the site

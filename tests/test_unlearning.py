@@ -42,7 +42,8 @@ def dirichlet(tmp_path_factory) -> Path:
     # Seed 7: every held (client, class) has >= 2 images, which the aegmm mixture fit needs.
     out = tmp_path_factory.mktemp("runs") / "dirichlet"
     run(load_config("tiny", [f"run.out={out}", "run.seed=7", "data.partition=dirichlet", "data.num_clients=4",
-                             "data.alpha=0.5", "reference.centralized=false", "generator.steps=10"]))
+                             "data.alpha=0.5", "reference.centralized=false", "generator.steps=10",
+                             "generator.min_samples=2"]))
     return out
 
 
