@@ -39,12 +39,13 @@ from fedfactory.federation.factory import combine_experts, product_of_experts  #
 from fedfactory.federation.intake import counts_limit, load_pins  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
-from fedfactory.flower.client_app import node_partition, node_site, site_data  # noqa: E402
+from fedfactory.flower.client_app import node_partition, node_site, node_threads, site_data  # noqa: E402
 from fedfactory.flower.run_config import parse_run_config  # noqa: E402
 from fedfactory.flower.server_app import (  # noqa: E402
     ReplyError,
     collect_sites,
     expert_modules,
+    serve,
     serve_sites,
     site_counts,
 )
@@ -241,6 +242,22 @@ def test_local_mode_sends_a_site_its_own_modules_only_where_it_uses_them(tmp_pat
     # "all": every module, its own included.
     cfg = load_config("tiny", ["synthesis.samples_per_class=40", "synthesis.local_synthetic=all"])
     assert expert_modules("site-a", modules, cfg) == [m.manifest["module_id"] for m in modules]
+
+
+def test_clientapps_default_to_one_thread_so_sites_sharing_a_machine_do_not_oversubscribe_it():
+    assert node_threads({}, 0) == 1  # run.threads=0 ("every core") would give each of N SuperNodes every core
+    assert node_threads({}, 3) == 3 and node_threads({"threads": 8}, 0) == 8 and node_threads({"threads": 2}, 3) == 2
+    for bad in (0, -1, "4", 1.5):
+        with pytest.raises(ConfigError, match=r"node config threads=.*must be an integer >= 1"):
+            node_threads({"threads": bad}, 0)
+
+
+def test_a_deployment_run_config_without_its_switch_is_refused_in_one_line(tmp_path):
+    cfg = load_config("tiny", [f"run.out={tmp_path / 'run'}", "data.dataset=imagefolder", f"data.classes={CLASSES}",
+                               "data.num_clients=2", "reference.centralized=false"])
+    with pytest.raises(ConfigError, match=r"add flower.deployment = true"):
+        serve(None, cfg, parse_run_config({})[1])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_site_is_told_how_to_fix_its_node_config(sites, tmp_path):

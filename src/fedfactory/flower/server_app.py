@@ -612,6 +612,10 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
         # "local" mode's second round (expert_round) is implemented for a deployment's sites only.
         raise ConfigError(f"classifier.mode={cfg.classifier.mode!r} runs with `fedfactory run` or in a deployment "
                           "(flower.deployment=true); a simulation over Flower runs classifier.mode=server")
+    if cfg.data.dataset == "imagefolder" and not cfg.data.root:
+        # A deployment's run config (image folders at the sites, none at the server) without its switch.
+        raise ConfigError("this run config names data.dataset=imagefolder with no data.root, as a deployment's does; "
+                          "add flower.deployment = true to its [flower] section (a simulation needs data.root)")
     # The data and the partition give partition.json, the modules to expect and the evaluation.
     out, device, timer, train, test, parts = start_run(cfg, kind="flower run")
     expected = expected_modules(train, parts, cfg.generator.min_samples)
