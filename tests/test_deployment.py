@@ -515,3 +515,4 @@ def test_a_pin_file_binds_site_names_to_nodes_and_the_run_records_it(sites, tmp_
     assert metrics["site_shares"]["site-b"]["5"]["synthetic"] == metrics["synthesis_plan"]["site-b_class-005"]
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Sites: trust and influence" in report and "site-b (node 101)" in report
+    assert "deployment, 2 sites: site-a, site-b" in report  # the header names the sites, not the run config's split

@@ -232,7 +232,10 @@ def section_header(run: RunFiles) -> str:
     facts = [("run", run.path.name)]
     if cfg is not None:
         d = cfg.data
-        facts += [("dataset", d.dataset), ("partition", f"{d.partition}, {d.num_clients} clients"),
+        sites = (run.partition or {}).get("sites") if (run.partition or {}).get("scheme") == "sites" else None
+        split = (f"deployment, {len(sites)} sites: {', '.join(map(str, sites))}" if sites is not None
+                 else f"{d.partition}, {d.num_clients} clients")
+        facts += [("dataset", d.dataset), ("partition", split),
                   ("generator", cfg.generator.family), ("classifier", cfg.classifier.mode), ("seed", cfg.run.seed)]
     if run.metrics is not None:
         facts.append(("config hash", str(run.metrics.get("config_hash", ""))[:12]))
