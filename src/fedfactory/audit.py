@@ -131,16 +131,16 @@ def near_copy_ratios(synthetic: np.ndarray, members: np.ndarray, held_out: np.nd
     it than to any other. A module of one image has no reference: every sample counts as a copy of it.
     """
     syn, mem = flat(synthetic), flat(members)
-    d_member, _ = nearest_distances(syn, mem)
     if held_out is not None and len(held_out) >= MIN_HELD_OUT:
+        d_member = nearest_distances(syn, mem)[0]
         return d_member / np.maximum(nearest_distances(syn, flat(held_out))[0], 1e-12), \
             f"nearest of {len(held_out)} held-out images"
     if len(members) < 2:
         return np.zeros(len(syn)), "none (one training image: every sample is a copy of it)"
-    second = []
-    for i in range(0, len(syn), 1024):
-        second.append(torch.cdist(syn[i:i + 1024].double(), mem.double()).topk(2, largest=False).values[:, 1].numpy())
-    return d_member / np.maximum(np.concatenate(second), 1e-12), "second-nearest training image"
+    # The two nearest training images of each sample, from one distance matrix per chunk.
+    two = np.concatenate([torch.cdist(syn[i:i + 1024].double(), mem.double()).topk(2, largest=False).values.numpy()
+                          for i in range(0, len(syn), 1024)])
+    return two[:, 0] / np.maximum(two[:, 1], 1e-12), "second-nearest training image"
 
 
 def release_check(module: Module, members: np.ndarray, held_out: np.ndarray | None, root_seed: int,
