@@ -16,6 +16,13 @@ site reads only its folder, the server's run config names no data path, and the 
 test folders (counts only). Against the in-process run of the same split: accuracy (not bit-identical: a
 deployment's module ids, hence seeds, carry the site names), bytes up and down per site, wall time. Writes
 benchmarks/results/flower-sites-<name>.json and .md.
+
+    python benchmarks/flower.py --walkthrough --config digits data.num_clients=3 data.classes_per_client=4
+
+docs/flower.md's walkthrough as a new user runs it: the same as --sites, but with no thread setting anywhere
+(no OMP_NUM_THREADS, no run.threads override), so the in-process run takes every core and each ClientApp its
+default. Measured one after the other in this one process; run it on an otherwise idle machine. Writes
+benchmarks/results/flower-walkthrough-<name>.json and .md.
 """
 
 import argparse
@@ -201,7 +208,9 @@ def sites_benchmark(args, overrides: list[str], source: dict, tmp: Path) -> dict
                     "bytes_down": {"train_message": fl["bytes_down_on_wire"][s],
                                    "evaluate_message": ev["bytes_down"][s]}} for s in sites}
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "num_test")
+    ratio = round(wall / in_process["seconds"], 2)
     return source | {
+        "walkthrough": args.walkthrough,
         "preset": args.config,
         "overrides": overrides,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -210,23 +219,30 @@ def sites_benchmark(args, overrides: list[str], source: dict, tmp: Path) -> dict
         "metrics": {"deployment": {k: m[k] for k in keys}, "in_process": {k: in_process["metrics"][k] for k in keys}},
         "failed_sites": m["failed_sites"],
         "seconds": {"in_process": in_process["seconds"], "deployment_startup": round(startup, 2),
-                    "deployment_run": round(wall, 2), "deployment_timings": m["timings"]},
+                    "deployment_run": round(wall, 2), "deployment_timings": m["timings"],
+                    "deployment_over_in_process": ratio,
+                    "deployment_with_startup_over_in_process": round((wall + startup) / in_process["seconds"], 2)},
         "load_average_before": {"in_process": in_process["load_average_before"], "deployment": round(load, 2)},
     }
 
 
 def sites_markdown(r: dict, name: str) -> str:
     d, p = r["metrics"]["deployment"], r["metrics"]["in_process"]
+    walkthrough = r.get("walkthrough", False)
+    threads = ("no thread setting anywhere (the in-process run takes every core, each ClientApp its default of one "
+               "thread); one run each, one after the other, on an otherwise idle machine (load averages below)"
+               if walkthrough else
+               "run.threads=1; one run each on a shared machine (load averages below), so treat the seconds as "
+               "indicative")
     lines = [
-        f"# A real deployment: {name}",
+        f"# {'The deployment walkthrough' if walkthrough else 'A real deployment'}: {name}",
         "",
         provenance_line(r),
         "",
         f"{len(r['sites'])} SuperNodes on 127.0.0.1, each reading only its own site folder written by "
         "`fedfactory split-sites`; the server's run config names no data path and the sites score the classifier "
         f"on their own test folders (counts only). {r['machine']['cpus']} CPUs, flwr {r['machine']['flwr']}, torch "
-        f"{r['machine']['torch']}, run.threads=1; one run each on a shared machine (load averages below), so treat "
-        "the seconds as indicative.",
+        f"{r['machine']['torch']}, {threads}.",
         "",
         "| run | accuracy | balanced acc. | macro F1 | AUROC | test images | wall s | load avg before |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -241,6 +257,10 @@ def sites_markdown(r: dict, name: str) -> str:
         "rows; the union of their test folders is the whole test set). The deployment's wall time is `flwr run "
         f"--stream` on a started federation (start-up {r['seconds']['deployment_startup']} s apart). The runs are "
         "not bit-identical: a deployment's module ids, hence its seeds, carry the site names.",
+        "",
+        f"Deployment over in-process: **{r['seconds']['deployment_over_in_process']:.2f}x** "
+        f"({r['seconds']['deployment_run']} s against {r['seconds']['in_process']} s); with the federation's "
+        f"start-up, {r['seconds']['deployment_with_startup_over_in_process']:.2f}x.",
         "",
         "## Bytes per site (Flower messages, before gRPC/HTTP framing)",
         "",
@@ -262,19 +282,29 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each Flower run")
     parser.add_argument("--sites", action="store_true",
                         help="a real deployment from split-sites folders against the in-process run")
+    parser.add_argument("--walkthrough", action="store_true",
+                        help="--sites as docs/flower.md's walkthrough runs it: no thread setting anywhere")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args()
     name = args.name or Path(args.config).stem
-    overrides = ["run.threads=1", *args.overrides]
     source = provenance(__file__, sys.argv[1:])
-    if os.environ.get("OMP_NUM_THREADS"):
-        source["command"] = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {source['command']}"
+    if args.walkthrough:
+        # What a user who follows the docs runs: every process at its own default thread count.
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            if os.environ.pop(var, None) is not None:
+                print(f"{var} unset: the walkthrough runs with no thread setting", file=sys.stderr)
+        args.sites, overrides = True, list(args.overrides)
+    else:
+        overrides = ["run.threads=1", *args.overrides]
+        if os.environ.get("OMP_NUM_THREADS"):
+            source["command"] = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {source['command']}"
     if args.sites:
         with tempfile.TemporaryDirectory(prefix="fedfactory-sites-") as tmp:
             result = sites_benchmark(args, overrides, source, Path(tmp))
+        kind = "walkthrough" if args.walkthrough else "sites"
         RESULTS.mkdir(exist_ok=True)
-        atomic_write_json(RESULTS / f"flower-sites-{name}.json", result)
-        atomic_write_text(RESULTS / f"flower-sites-{name}.md", sites_markdown(result, name))
+        atomic_write_json(RESULTS / f"flower-{kind}-{name}.json", result)
+        atomic_write_text(RESULTS / f"flower-{kind}-{name}.md", sites_markdown(result, name))
         print(sites_markdown(result, name))
         return
 
