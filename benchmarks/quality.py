@@ -26,7 +26,7 @@ from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
 from fedfactory.federation.factory import local_training_set, product_of_experts, synthesize  # noqa: E402
 from fedfactory.generative.artifact import module_id, module_to_bytes  # noqa: E402
-from fedfactory.generative.train import train_module  # noqa: E402
+from fedfactory.generative.train import plan_training, train_module  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
@@ -119,8 +119,8 @@ def main():
         else:
             images = fit.images[fit.labels == c]
             t0 = time.perf_counter()
-            tensors, fields = train_module(images, gcfg, derive_seed(0, "train", c, c), device,
-                                           desc=f"class {c}", progress=False)
+            plan = plan_training(gcfg, len(images), derive_seed(0, "train", c, c))
+            tensors, fields = train_module(images, gcfg, plan, device, desc=f"class {c}", progress=False)
             seconds = time.perf_counter() - t0
             manifest = {"module_id": module_id(c, c), "client_id": c, "class_id": c,
                         "class_name": train.class_names[c], "num_samples": int(len(images))} | fields

@@ -16,6 +16,7 @@ from fedfactory.config import load_config
 from fedfactory.data.datasets import load_data
 from fedfactory.device import select_device
 from fedfactory.federation.client import train_client_module
+from fedfactory.federation.plan import plan_module
 from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,7 +37,7 @@ def main() -> None:
     for n in (int(x) for x in args.sizes.split(",")):
         data = train.subset(np.flatnonzero(train.labels == 0)[:n])
         t0 = time.perf_counter()
-        module = train_client_module(data, 0, 0, cfg.generator, cfg.run.seed, device, progress=False)
+        module = train_client_module(data, plan_module(cfg, 0, 0, n), cfg.generator, device, progress=False)
         t1 = time.perf_counter()
         release_check(module, data.images, None, cfg.run.seed, cfg.release.max_copy_fraction, device)
         t2 = time.perf_counter()

@@ -27,7 +27,7 @@ from fedfactory.audit import NEAR_COPY_RATIO, RELEASE_SAMPLES, audit_images, nea
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.device import select_device  # noqa: E402
-from fedfactory.generative.train import sample_module, train_module  # noqa: E402
+from fedfactory.generative.train import plan_training, sample_module, train_module  # noqa: E402
 from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line  # noqa: E402
 from fedfactory.seeding import derive_seed, numpy_rng  # noqa: E402
 
@@ -79,7 +79,8 @@ def main() -> None:
             members = pool[:n]
             t0 = time.perf_counter()
             seed = derive_seed(cfg.run.seed, "replay", c, n)
-            tensors, fields = train_module(members, cfg.generator, seed, device, progress=False)
+            tensors, fields = train_module(members, cfg.generator, plan_training(cfg.generator, n, seed), device,
+                                           progress=False)
             seconds = time.perf_counter() - t0
             manifest = {"module_id": f"replay-{c:03d}-{n}", "class_id": c, "num_samples": n} | fields
             t0 = time.perf_counter()

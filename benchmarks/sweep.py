@@ -43,7 +43,7 @@ def run_variant(name: str, args) -> dict:
     from fedfactory.device import select_device
     from fedfactory.federation.factory import synthesize
     from fedfactory.generative.artifact import module_id, module_to_bytes
-    from fedfactory.generative.train import train_module
+    from fedfactory.generative.train import plan_training, train_module
     from fedfactory.metrics import evaluate
     from fedfactory.seeding import derive_seed
 
@@ -67,7 +67,8 @@ def run_variant(name: str, args) -> dict:
     for c in range(train.num_classes):
         images = train.images[train.labels == c]
         t0 = time.perf_counter()
-        tensors, fields = train_module(images, gcfg, derive_seed(0, "train", c, c), device, progress=False)
+        plan = plan_training(gcfg, len(images), derive_seed(0, "train", c, c))
+        tensors, fields = train_module(images, gcfg, plan, device, progress=False)
         train_s.append(time.perf_counter() - t0)
         manifest = {"module_id": module_id(c, c), "client_id": c, "class_id": c,
                     "class_name": train.class_names[c], "num_samples": int(len(images))} | fields

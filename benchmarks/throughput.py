@@ -16,7 +16,7 @@ import torch
 from fedfactory.config import GeneratorConfig
 from fedfactory.device import select_device
 from fedfactory.generative.artifact import module_id
-from fedfactory.generative.train import sample_module, train_module
+from fedfactory.generative.train import plan_training, sample_module, train_module
 from fedfactory.runs import atomic_write_json, provenance
 
 CASES = {  # name: (image shape HWC, generator config)
@@ -30,9 +30,10 @@ CASES = {  # name: (image shape HWC, generator config)
 def measure(shape, cfg: GeneratorConfig, device, train_steps: int, samples: int) -> dict:
     images = np.random.default_rng(0).integers(0, 256, (512, *shape), dtype=np.uint8)
     # Warm-up run (allocator, kernels), then a timed run of train_steps.
-    train_module(images, replace(cfg, steps=5), 0, device, progress=False)
+    warm, timed = replace(cfg, steps=5), replace(cfg, steps=train_steps)
+    train_module(images, warm, plan_training(warm, len(images), 0), device, progress=False)
     t0 = time.perf_counter()
-    tensors, fields = train_module(images, replace(cfg, steps=train_steps), 0, device, progress=False)
+    tensors, fields = train_module(images, timed, plan_training(timed, len(images), 0), device, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0

@@ -8,7 +8,7 @@ from fedfactory.federation.factory import allocate, plan_synthesis
 from fedfactory.generative.aegmm import fit_residual
 from fedfactory.generative.artifact import load_module, module_id, save_module
 from fedfactory.generative.edm import EDMParams, denoise, edm_loss, heun_sample, sigma_steps
-from fedfactory.generative.train import expected_tensors, sample_module, train_module
+from fedfactory.generative.train import expected_tensors, plan_training, sample_module, train_module
 from fedfactory.generative.unet import UNet
 from fedfactory.registry import module_spec
 
@@ -58,8 +58,8 @@ def test_heun_sampler_reaches_the_data_point_of_an_ideal_denoiser():
 def test_loss_falls_and_training_is_deterministic(sevens, family):
     cfg = GeneratorConfig(family=family, steps=60, batch_size=32, channels=8, latent_dim=8, mixture_components=3)
     torch.manual_seed(0)
-    t1, f1 = train_module(sevens, cfg, seed=3, device=CPU, progress=False)
-    t2, _ = train_module(sevens, cfg, seed=3, device=CPU, progress=False)
+    t1, f1 = train_module(sevens, cfg, plan_training(cfg, len(sevens), 3), CPU, progress=False)
+    t2, _ = train_module(sevens, cfg, plan_training(cfg, len(sevens), 3), CPU, progress=False)
     assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
     # The loss after training is below the loss of the untrained network on the same data.
     x = torch.from_numpy(sevens[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -81,7 +81,7 @@ def test_loss_falls_and_training_is_deterministic(sevens, family):
 def test_module_round_trip_and_per_image_sampling(tmp_path, sevens, family, residual_rank):
     cfg = GeneratorConfig(family=family, steps=5, batch_size=16, channels=8, latent_dim=8, mixture_components=2,
                           sampler_steps=4, residual_rank=residual_rank)
-    tensors, fields = train_module(sevens, cfg, seed=1, device=CPU, progress=False)
+    tensors, fields = train_module(sevens, cfg, plan_training(cfg, len(sevens), 1), CPU, progress=False)
     manifest = {"module_id": module_id(2, 7), "client_id": 2, "class_id": 7, "class_name": "7",
                 "num_samples": len(sevens)} | fields
     assert {k: (tuple(v.shape), "float32") for k, v in tensors.items()} == expected_tensors(manifest)
@@ -138,9 +138,9 @@ def test_adversarial_autoencoder_is_deterministic_and_ships_no_critic(sevens):
     base = GeneratorConfig(steps=40, batch_size=16, channels=8, latent_dim=8, mixture_components=2)
     adv = GeneratorConfig(steps=40, batch_size=16, channels=8, latent_dim=8, mixture_components=2,
                           adversarial=0.5, adversarial_start=0.25)
-    plain, _ = train_module(sevens, base, seed=3, device=CPU, progress=False)
-    t1, f1 = train_module(sevens, adv, seed=3, device=CPU, progress=False)
-    t2, _ = train_module(sevens, adv, seed=3, device=CPU, progress=False)
+    plain, _ = train_module(sevens, base, plan_training(base, len(sevens), 3), CPU, progress=False)
+    t1, f1 = train_module(sevens, adv, plan_training(adv, len(sevens), 3), CPU, progress=False)
+    t2, _ = train_module(sevens, adv, plan_training(adv, len(sevens), 3), CPU, progress=False)
     assert t1.keys() == plain.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
     assert not torch.equal(t1["decoder.0.weight"], plain["decoder.0.weight"])
     assert f1["training"]["adversarial"] == 0.5 and f1["training"]["adversarial_start"] == 0.25
@@ -158,5 +158,5 @@ def test_compute_follows_data(sevens):
     assert planned_steps(GeneratorConfig(steps=1000), 15) == 1000
     small = GeneratorConfig(steps=300, steps_per_image=0.5, batch_size=8, channels=4, latent_dim=4,
                             mixture_components=2)
-    _, fields = train_module(sevens[:10], small, seed=0, device=CPU, progress=False)
+    _, fields = train_module(sevens[:10], small, plan_training(small, 10, 0), CPU, progress=False)
     assert fields["training"]["steps"] == MIN_STEPS

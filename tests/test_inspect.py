@@ -4,14 +4,16 @@ import json
 import pickle
 import re
 import shutil
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from fedfactory.cli import main
-from fedfactory.config import GeneratorConfig
+from fedfactory.config import GeneratorConfig, load_config
 from fedfactory.data.datasets import load_dataset
-from fedfactory.federation.client import train_client_module
+from fedfactory.federation.client import client_plans, train_client_module
 from fedfactory.generative.artifact import ModuleError, load_module, module_filename, read_manifest, save_module
 from fedfactory.registry import load_registry, module_spec
 
@@ -21,9 +23,11 @@ def registry(tmp_path_factory):
     """A registry directory with two real (briefly trained) modules of client 0."""
     folder = tmp_path_factory.mktemp("registry")
     train, _ = load_dataset("digits", None, 8)
-    cfg = GeneratorConfig(steps=2, batch_size=8, channels=8, latent_dim=4, mixture_components=2)
-    for c in (0, 1):
-        manifest, tensors = train_client_module(train, 0, c, cfg, 0, torch.device("cpu"), progress=False)
+    gen = GeneratorConfig(steps=2, batch_size=8, channels=8, latent_dim=4, mixture_components=2)
+    cfg = replace(load_config("tiny"), generator=gen)
+    client = train.subset(np.flatnonzero(train.labels < 2))
+    for plan in client_plans(client, 0, cfg).values():
+        manifest, tensors = train_client_module(client, plan, gen, torch.device("cpu"), progress=False)
         save_module(folder / module_filename(manifest["module_id"]), tensors, manifest)
     return folder
 

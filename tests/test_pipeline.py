@@ -8,7 +8,7 @@ from fedfactory.cli import main
 from fedfactory.config import load_config, to_toml
 from fedfactory.data.datasets import load_data
 from fedfactory.data.partition import split_clients
-from fedfactory.federation.client import train_client_module
+from fedfactory.federation.client import client_plans, train_client_module
 from fedfactory.federation.runner import run, save_classifier
 from fedfactory.generative.artifact import save_module
 from fedfactory.runs import RunDirError
@@ -106,8 +106,9 @@ def test_a_module_lacking_optional_training_fields_is_retrained_not_a_traceback(
     (out / "config.toml").write_text(to_toml(cfg))
     train, _ = load_data(cfg.data)
     rows = split_clients(cfg.data, cfg.run.seed, train)[0]
-    manifest, tensors = train_client_module(train.subset(rows), 0, 0, cfg.generator, cfg.run.seed,
-                                            torch.device("cpu"), progress=False)
+    client = train.subset(rows)
+    plan = client_plans(client, 0, cfg)["client-000_class-000"]
+    manifest, tensors = train_client_module(client, plan, cfg.generator, torch.device("cpu"), progress=False)
     del manifest["training"]["batch_size"]
     save_module(out / "modules" / "client-000_class-000.safetensors", tensors, manifest)
     run(cfg)

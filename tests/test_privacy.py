@@ -19,7 +19,7 @@ from fedfactory.federation.runner import run
 from fedfactory.federation.unlearning import unlearn
 from fedfactory.generative.aegmm import PRIVATE_BLUR_SIGMA, AutoEncoder
 from fedfactory.generative.artifact import ModuleError, module_to_bytes
-from fedfactory.generative.train import train_module
+from fedfactory.generative.train import plan_training, train_module
 from fedfactory.privacy import dp
 from fedfactory.privacy.accounting import (
     Mechanism,
@@ -212,7 +212,8 @@ def test_dp_sgd_modules_compose_sgd_and_moments_in_one_guarantee():
     train, _ = load_dataset("digits", image_size=8)
     images = train.images[train.labels == 3]
     cfg = load_config("tiny", ["generator.steps=8", "privacy.epsilon=5", "privacy.method=dp-sgd"])
-    tensors, fields = train_module(images, cfg.generator, 0, torch.device("cpu"), progress=False, privacy=cfg.privacy)
+    tensors, fields = train_module(images, cfg.generator, plan_training(cfg.generator, len(images), 0, cfg.privacy),
+                                   torch.device("cpu"), progress=False)
     p, t = fields["privacy"], fields["training"]
     assert t["dp_max_grad_norm"] == 1.0 and "final_loss" not in t and p["adjacency"] == "replace-one"
     sgd, *moments = p["mechanisms"]
@@ -275,7 +276,8 @@ def test_edm_modules_also_get_the_white_box_denoising_attack():
     train, test = load_dataset("digits", image_size=8)
     members, non_members = train.images[train.labels == 3], test.images[test.labels == 3]
     cfg = load_config("tiny", ["generator.family=edm", "generator.steps=20", "generator.sampler_steps=4"]).generator
-    tensors, fields = train_module(members, cfg, 0, torch.device("cpu"), progress=False)
+    tensors, fields = train_module(members, cfg, plan_training(cfg, len(members), 0), torch.device("cpu"),
+                                   progress=False)
     manifest = {"module_id": "client-000_class-003", "client_id": 0, "class_id": 3, "class_name": "3"} | fields
     result = audit_module(Module(manifest, tensors), members, non_members, 0, num_synthetic=50, resamples=20)
     assert 0 <= result["mia_auc_white_box"] <= 1 and len(result["mia_auc_white_box_interval"]) == 2
@@ -288,10 +290,11 @@ def test_private_noise_is_secret_so_the_seed_cannot_regenerate_it():
     train, _ = load_dataset("digits", image_size=8)
     images = train.images[train.labels == 3]
     cfg = load_config("tiny", ["privacy.epsilon=8"])
-    first, second = (train_module(images, cfg.generator, 7, torch.device("cpu"), progress=False,
-                                  privacy=cfg.privacy)[0] for _ in range(2))
+    first, second = (train_module(images, cfg.generator, plan_training(cfg.generator, len(images), 7, cfg.privacy),
+                                  torch.device("cpu"), progress=False)[0] for _ in range(2))
     assert any(not torch.equal(first[k], second[k]) for k in first)
-    plain = [train_module(images, cfg.generator, 7, torch.device("cpu"), progress=False)[0] for _ in range(2)]
+    plain = [train_module(images, cfg.generator, plan_training(cfg.generator, len(images), 7), torch.device("cpu"),
+                          progress=False)[0] for _ in range(2)]
     assert all(torch.equal(plain[0][k], plain[1][k]) for k in plain[0])
 
 
@@ -383,7 +386,8 @@ def test_training_draws_exactly_the_noise_its_manifest_states(method, monkeypatc
     train, _ = load_dataset("digits", image_size=8)
     images = train.images[train.labels == 3]
     cfg = load_config("tiny", ["generator.steps=6", "privacy.epsilon=5", f"privacy.method={method}"])
-    _, fields = train_module(images, cfg.generator, 0, torch.device("cpu"), progress=False, privacy=cfg.privacy)
+    _, fields = train_module(images, cfg.generator, plan_training(cfg.generator, len(images), 0, cfg.privacy),
+                                   torch.device("cpu"), progress=False)
     stated = {m["name"]: m for m in fields["privacy"]["mechanisms"]}
     if method == "embedding":
         (std, noise), = drawn

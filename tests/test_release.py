@@ -9,7 +9,7 @@ import torch
 from fedfactory.audit import near_copy_ratios, release_check
 from fedfactory.config import ConfigError, load_config
 from fedfactory.data.datasets import load_dataset
-from fedfactory.federation.client import train_client_modules
+from fedfactory.federation.client import client_plans, train_client_modules
 from fedfactory.federation.runner import run
 from fedfactory.federation.unlearning import unlearn
 
@@ -24,8 +24,9 @@ def client_with(counts: dict[int, int]):
 def test_a_module_built_to_replay_is_withheld_and_a_large_cell_is_released():
     # One image: a model of it is that image. Two images and 300 steps: the autoencoder reproduces both.
     cfg = load_config("tiny", ["generator.steps=300", "generator.min_samples=1"])
+    client = client_with({0: 1, 1: 2, 2: 140})
     trained = {t.module.manifest["module_id"]: t for t in
-               train_client_modules(client_with({0: 1, 1: 2, 2: 140}), 0, cfg, torch.device("cpu"))}
+               train_client_modules(client, client_plans(client, 0, cfg), cfg, torch.device("cpu"))}
     one, two, large = (trained[f"client-000_class-00{c}"].release for c in range(3))
     assert not one["released"] and one["copy_fraction"] == 1.0 and one["reference"].startswith("none")
     assert not two["released"] and two["copy_fraction"] > cfg.release.max_copy_fraction

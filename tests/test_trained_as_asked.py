@@ -3,9 +3,9 @@ import torch
 from fedfactory.config import load_config
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import trained_as_asked
+from fedfactory.federation.plan import plan_module
 from fedfactory.generative.artifact import module_id
 from fedfactory.generative.train import train_module
-from fedfactory.seeding import derive_seed
 
 
 def test_a_module_is_reused_only_if_every_recorded_choice_matches():
@@ -15,7 +15,7 @@ def test_a_module_is_reused_only_if_every_recorded_choice_matches():
     asked = ["generator.steps=400", "generator.steps_per_image=0.5", "generator.channels=4", "generator.latent_dim=4",
              "generator.mixture_components=2", "generator.batch_size=8", "generator.adversarial=0.2"]
     cfg = load_config("tiny", asked)
-    tensors, fields = train_module(images, cfg.generator, derive_seed(cfg.run.seed, "train", 0, 3),
+    tensors, fields = train_module(images, cfg.generator, plan_module(cfg, 0, 3, len(images)).training,
                                    torch.device("cpu"), progress=False)
     manifest = {"module_id": module_id(0, 3), "client_id": 0, "class_id": 3, "num_samples": len(images)} | fields
     assert fields["training"]["steps"] == 200  # 40 images x 0.5 is below the floor

@@ -13,6 +13,7 @@ from fedfactory.config import load_config
 from fedfactory.data.datasets import load_data
 from fedfactory.device import select_device
 from fedfactory.federation.client import train_client_module
+from fedfactory.federation.plan import plan_module
 from fedfactory.federation.runner import run
 from fedfactory.federation.unlearning import unlearn
 from fedfactory.generative.artifact import save_module
@@ -187,7 +188,8 @@ def test_verification_catches_a_module_that_a_from_scratch_run_would_not_train(s
     cfg = load_config(str(forged / "config.toml"))
     train, _ = load_data(cfg.data)
     client = train.subset(np.asarray(read_json(forged / "partition.json")["indices"][2]))
-    manifest, tensors = train_client_module(client, 2, 2, cfg.generator, 1, select_device("cpu"), progress=False)
+    plan = plan_module(load_config(str(forged / "config.toml"), ["run.seed=1"]), 2, 2, int((client.labels == 2).sum()))
+    manifest, tensors = train_client_module(client, plan, cfg.generator, select_device("cpu"), progress=False)
     save_module(forged / "modules" / "client-002_class-002.safetensors", tensors, manifest)
 
     assert main(["unlearn", str(forged), "--client", "0", "--verify", "--out", str(tmp_path / "u")]) == 1

@@ -7,11 +7,11 @@ import torch
 from fedfactory.config import Config
 from fedfactory.data.datasets import ImageDataset
 from fedfactory.errors import FedFactoryError
+from fedfactory.federation.plan import module_seed
 from fedfactory.generative.train import network_config, requested_training, sample_module
 from fedfactory.privacy.accounting import guarantee_problem
 from fedfactory.progress import progress as progress_bar
 from fedfactory.registry import Module
-from fedfactory.seeding import derive_seed
 
 
 class SynthesisError(FedFactoryError, ValueError):
@@ -21,7 +21,7 @@ class SynthesisError(FedFactoryError, ValueError):
 def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
     """Why a valid module was not trained as cfg asks (family, network, steps, seed, recipe), or None if it was."""
     t, g = manifest["training"], cfg.generator
-    seed = derive_seed(cfg.run.seed, "train", manifest["client_id"], manifest["class_id"])
+    seed = module_seed(cfg.run.seed, manifest["client_id"], manifest["class_id"])
     # The steps follow the module's image count when generator.steps_per_image is set (train.planned_steps).
     asked = (requested_training(g, manifest["num_samples"], seed, cfg.privacy) if manifest["family"] == g.family
              else {})

@@ -18,9 +18,9 @@ from safetensors.torch import save
 from fedfactory.classifier import TrainingError, predict_log_proba, predict_proba, train_classifier
 from fedfactory.config import Config, config_hash
 from fedfactory.data.datasets import ImageDataset, load_data
-from fedfactory.data.partition import class_histogram, format_histogram, split_clients
+from fedfactory.data.partition import class_histogram, format_histogram, implied_cells, split_clients
 from fedfactory.device import select_device
-from fedfactory.federation.client import Trained, held_classes, train_client_modules
+from fedfactory.federation.client import Trained, train_client_modules
 from fedfactory.federation.factory import (
     bytes_per_client,
     combine_experts,
@@ -37,8 +37,8 @@ from fedfactory.federation.intake import (
     release_summary,
     trust_record,
 )
-from fedfactory.generative.artifact import ModuleError, module_filename, module_id, save_module
-from fedfactory.generative.train import module_privacy_plan
+from fedfactory.federation.plan import ModulePlan, plan_modules
+from fedfactory.generative.artifact import ModuleError, module_filename, save_module
 from fedfactory.metrics import evaluate, format_table
 from fedfactory.registry import Module, load_registry, load_registry_file
 from fedfactory.report import write_report, write_samples_png
@@ -90,28 +90,26 @@ def check_against_partition(modules: list[Module], train: ImageDataset, parts: l
 def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path,
                       device: torch.device, timer: Timer) -> None:
     """Every client trains its modules; each is written atomically to the registry directory."""
-    # Every module's privacy budget is checked before the first module trains: a refusal wastes no training.
-    for k, rows in enumerate(parts):
-        for c, n in held_classes(train.subset(rows), cfg.generator.min_samples).items():
-            module_privacy_plan(cfg.generator, cfg.privacy, n, f"client {k} class {c}")
+    # One plan per module, all made before the first module trains: a privacy budget that cannot be met is refused
+    # before any training is wasted, and training and reuse read the same plan.
+    hist = class_histogram(train.labels, parts, train.num_classes)
+    plans = plan_modules(cfg, implied_cells(hist, cfg.generator.min_samples))
     for k, rows in enumerate(parts):
         client = train.subset(rows)
-        enough = held_classes(client, cfg.generator.min_samples)
-        few = {c: n for c, n in held_classes(client).items() if c not in enough}
+        mine = {mid: p for mid, p in plans.items() if p.client_id == k}
+        few = {c: int(n) for c, n in enumerate(hist[k]) if 0 < n < cfg.generator.min_samples}
         if few:
             log.info("client %d: no module for %s (fewer than generator.min_samples=%d images)", k,
                      ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
 
-        held = {module_id(k, c): n for c, n in enough.items()}
-
-        def reuse(mid: str, held=held) -> bool:
-            if reusable_module(out / "modules" / module_filename(mid), cfg, held.get(mid)):
-                log.info("reusing %s (hash checked)", module_filename(mid))
+        def reuse(plan: ModulePlan) -> bool:
+            if reusable_module(out / "modules" / module_filename(plan.module_id), cfg, plan.num_images):
+                log.info("reusing %s (hash checked)", module_filename(plan.module_id))
                 return True
             return False
 
         t0 = time.perf_counter()
-        for trained in train_client_modules(client, k, cfg, device, skip=reuse):
+        for trained in train_client_modules(client, mine, cfg, device, skip=reuse):
             dt = time.perf_counter() - t0
             timer.add("client_training", dt)
             if keep_released(out, trained) is not None:

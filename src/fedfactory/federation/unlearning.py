@@ -40,7 +40,7 @@ from fedfactory.data.datasets import ImageDataset, load_data, read_class_folders
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.client import train_client_modules
+from fedfactory.federation.client import client_plans, train_client_modules
 from fedfactory.federation.runner import (
     factory_stage,
     keep_released,
@@ -320,7 +320,8 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
             record_release(tmp, list(read_release(unlearned_dir).values()))
             trained = set(expected)
         for k, rows in enumerate([] if private else parts):
-            for t in train_client_modules(train.subset(rows), k, cfg, device):
+            client = train.subset(rows)
+            for t in train_client_modules(client, client_plans(client, k, cfg), cfg, device):
                 # The release check runs again; a withheld module must be withheld again (metrics["release"]).
                 full = keep_released(tmp, t)
                 if full is None:

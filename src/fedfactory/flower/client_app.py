@@ -28,7 +28,7 @@ from fedfactory.data.datasets import ImageDataset, load_data, load_dataset, read
 from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.client import held_classes, train_client_modules
+from fedfactory.federation.client import client_plans, held_classes, train_client_modules
 from fedfactory.federation.factory import combine_experts, local_training_set
 from fedfactory.flower.run_config import parse_run_config
 from fedfactory.flower.wire import (
@@ -132,7 +132,9 @@ def train_modules(data: ImageDataset, client_id: int | str, cfg: Config, device:
     """Module id -> module file bytes for every held class not in `skip` that passes the release check, and the
     check's record of every module trained (a withheld module's bytes never leave the site)."""
     modules, records = {}, []
-    for t in train_client_modules(data, client_id, cfg, device, skip=skip.__contains__, held_out=held_out):
+    plans = client_plans(data, client_id, cfg)
+    for t in train_client_modules(data, plans, cfg, device, skip=lambda plan: plan.module_id in skip,
+                                  held_out=held_out):
         records.append(t.release)
         if t.released:
             modules[t.module.manifest["module_id"]] = module_to_bytes(t.module.tensors, t.module.manifest)[0]

@@ -9,6 +9,9 @@ live in their own file:
 
 import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -123,35 +126,174 @@ def requested_training(cfg: GeneratorConfig, num_images: int, seed: int,
     return fields
 
 
-def module_privacy_plan(cfg: GeneratorConfig, privacy: PrivacyConfig, num_images: int,
-                        desc: str = "module") -> PrivacyPlan | None:
-    """The DP mechanisms of a module of num_images images, or None without privacy; refuses a budget the
-    requested steps cannot meet (call it for every module before training any)."""
-    if privacy.epsilon <= 0:
-        return None
-    try:
-        # The module's name stays out of plan_privacy's cache key, so planning before and during training share it.
-        return plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images, cfg.batch_size,
-                            planned_steps(cfg, num_images), privacy.method, cfg.latent_dim)
-    except PrivacyBudgetError as e:
-        raise PrivacyBudgetError(f"{desc}: {e}") from None
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What one module's training is fixed by, decided before any module of the run trains: the manifest's training
+    fields the config asks for a class of this size (what "trained as asked" compares, `requested_training`), and
+    the DP mechanisms with their calibrated noise when the run is private. Training reads it; nothing recomputes it.
+    """
+
+    family: str
+    num_images: int
+    seed: int
+    requested: Mapping[str, object]  # read-only: requested_training(cfg, num_images, seed, privacy)
+    privacy: PrivacyPlan | None
+
+    @property
+    def steps(self) -> int:
+        return int(self.requested["steps"])
+
+
+def plan_training(cfg: GeneratorConfig, num_images: int, seed: int, privacy: PrivacyConfig = NO_PRIVACY,
+                  desc: str = "module") -> TrainingPlan:
+    """The plan of one module; refuses what cannot be trained (no images, privacy on a family without a private
+    mechanism, a budget the requested steps cannot meet) before anything trains."""
+    if num_images <= 0:
+        raise ValueError(f"{desc}: no images to train on")
+    dp = None
+    if privacy.epsilon > 0:
+        if cfg.family != "aegmm":
+            raise ValueError(f"{desc}: privacy.epsilon is only supported for aegmm")
+        try:
+            dp = plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images, cfg.batch_size,
+                              planned_steps(cfg, num_images), privacy.method, cfg.latent_dim)
+        except PrivacyBudgetError as e:
+            raise PrivacyBudgetError(f"{desc}: {e}") from None
+    requested = MappingProxyType(requested_training(cfg, num_images, seed, privacy))
+    return TrainingPlan(cfg.family, num_images, seed, requested, dp)
 
 
 EMBEDDING_BATCH = 128  # decoded latents per step: enough for their mean embedding to be a fair estimate
 
 
-def train_embedding_module(images: np.ndarray, cfg: GeneratorConfig, plan: PrivacyPlan,
-                           seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+def manifest_fields(cfg: GeneratorConfig, image_shape: tuple[int, int, int], plan: TrainingPlan, fields: dict,
+                    diffusion: dict | None = None) -> dict:
+    """The manifest fields every family and mechanism writes the same way: family, shape, network, the planned
+    training fields plus what training measured, the diffusion parameters, and the privacy block of a private
+    module (privacy/dp.py: PrivacyPlan.manifest)."""
+    out = {"family": cfg.family, "image_shape": list(image_shape), "network": network_config(cfg, image_shape),
+           "diffusion": diffusion or {}, "training": dict(plan.requested) | fields}
+    if plan.privacy is not None:
+        out["privacy"] = plan.privacy.manifest(fields["blur_sigma"])
+    return out
+
+
+def train_embedding_module(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan,
+                           device: torch.device, desc: str, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
     """A private aegmm module by DP-MERF (Harder et al. 2021): release one noisy mean embedding of the images,
     then train the decoder on standard-normal latents to match it. Only the first line reads the images."""
-    image_shape = (images.shape[3], images.shape[1], images.shape[2])
-    frequencies = random_frequencies(image_shape, derive_seed(seed, "features"))
-    embedding = noisy_embedding(images, frequencies, plan.noise_multiplier, secret_generator())
+    image_shape = shape_of(images)
+    frequencies = random_frequencies(image_shape, derive_seed(plan.seed, "features"))
+    embedding = noisy_embedding(images, frequencies, plan.privacy.noise_multiplier, secret_generator())
+    torch.manual_seed(derive_seed(plan.seed, "init"))  # parameter init is the only use of the global generator
     model = build_network("aegmm", image_shape, network_config(cfg, image_shape))
     fit_embedding_decoder(model.decoder, embedding, frequencies, cfg.latent_dim, plan.steps, EMBEDDING_BATCH,
-                          cfg.lr, lr_at, seed)
+                          cfg.lr, lr_at, plan.seed)
     tensors = {f"decoder.{k}": v.detach().contiguous() for k, v in model.decoder.state_dict().items()}
-    return tensors | standard_normal_latents(cfg.latent_dim), {"blur_sigma": PRIVATE_BLUR_SIGMA, "mixture_size": 1}
+    fields = {"blur_sigma": PRIVATE_BLUR_SIGMA, "mixture_size": 1}
+    return tensors | standard_normal_latents(cfg.latent_dim), manifest_fields(cfg, image_shape, plan, fields)
+
+
+def train_dp_sgd_module(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan,
+                        device: torch.device, desc: str, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """A private aegmm module: the autoencoder by DP-SGD with Poisson sampling, one Gaussian on its latents from
+    two noisy moments (privacy/dp.py). The loss of a batch of real images would be a statistic outside the
+    guarantee, so no final loss is recorded."""
+    ema, _ = fit_network(images, cfg, plan, device, desc, progress)
+    tensors, fields = fit_private_densities(ema, images, plan.privacy.latent_radius,
+                                            plan.privacy.statistics_noise_multiplier)
+    return tensors, manifest_fields(cfg, shape_of(images), plan, fields)
+
+
+def train_aegmm_module(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan,
+                       device: torch.device, desc: str, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """The default module: the autoencoder, then its latent mixture and residual model fitted ex post (aegmm.py)."""
+    ema, loss = fit_network(images, cfg, plan, device, desc, progress)
+    tensors, fields = fit_densities(ema, images, cfg.mixture_components, cfg.residual_rank, plan.seed)
+    return tensors, manifest_fields(cfg, shape_of(images), plan, {"final_loss": loss} | fields)
+
+
+def train_edm_module(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan,
+                     device: torch.device, desc: str, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """A pixel-space EDM diffusion module (edm.py): the EMA weights of the U-Net and the sampler's parameters."""
+    ema, loss = fit_network(images, cfg, plan, device, desc, progress)
+    tensors = {k: v.contiguous() for k, v in ema.state_dict().items()}
+    diffusion = EDMParams().to_dict() | {"sampler": "heun", "sampler_steps": cfg.sampler_steps}
+    return tensors, manifest_fields(cfg, shape_of(images), plan, {"final_loss": loss}, diffusion)
+
+
+def shape_of(images: np.ndarray) -> tuple[int, int, int]:
+    """(C, H, W) of uint8 images (N, H, W, C)."""
+    return images.shape[3], images.shape[1], images.shape[2]
+
+
+def fit_network(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan, device: torch.device,
+                desc: str, progress: bool) -> tuple[torch.nn.Module, float]:
+    """The one training loop: the family's network from scratch on the images for plan.steps steps; returns its EMA
+    (on the CPU, in eval mode) and the last batch's loss. Under a privacy plan every step is DP-SGD's."""
+    dp = plan.privacy
+    image_shape = shape_of(images)
+    net_cfg = network_config(cfg, image_shape)
+    gen = torch_generator(plan.seed)
+    torch.manual_seed(derive_seed(plan.seed, "init"))  # parameter init is the only use of the global generator
+    # Under DP-SGD the noise and the Poisson sample come from OS entropy (privacy/dp.py: secret_generator).
+    noise_gen = secret_generator() if dp is not None else None
+    sample_gen = secret_generator() if dp is not None else None
+    model = build_network(cfg.family, image_shape, net_cfg).to(device)
+    ema = build_network(cfg.family, image_shape, net_cfg).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The critic of the adversarial term (aegmm only): trained here, never shipped.
+    disc = PatchDiscriminator(image_shape[0], 2 * cfg.channels).to(device) if adversarial(cfg) else None
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.99)) if disc is not None else None
+    steps = plan.steps
+    adversarial_from = int(steps * cfg.adversarial_start)
+    params = EDMParams()
+    data = torch.from_numpy(images)  # stays uint8; batches are scaled on the fly
+    use_amp = device.type == "cuda"
+    t0 = time.perf_counter()
+    bar = progress_bar(range(steps), desc, "step", progress)
+    for step in bar:
+        # Draw a batch: with replacement, so tiny classes still give full batches; a Poisson sample under DP.
+        if dp is None:
+            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        else:
+            idx = poisson_batch(len(data), dp.sampling_rate, sample_gen)
+        x = torch.from_numpy(to_float(data[idx].numpy())).to(device)
+        lr = lr_at(step, steps, cfg.lr)
+        for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
+            group["lr"] = lr
+        # Loss: L1 reconstruction (+ the adversarial term once the autoencoder has a shape to refine) for the
+        # autoencoder, Eq. 8 of EDM for diffusion; under DP-SGD the gradient is set by private_step instead.
+        critic = disc if disc is not None and step >= adversarial_from else None
+        opt.zero_grad(set_to_none=True)
+        if dp is not None:
+            # DP-SGD: clipped per-image gradients plus Gaussian noise (Abadi et al. 2016, Alg. 1).
+            loss = private_step(model, x, dp, dp.latent_radius, noise_gen)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if cfg.family == "aegmm":
+                    loss, fakes = autoencoder_loss(model, x, critic, cfg.adversarial, gen)
+                else:
+                    loss = edm_loss(model, x, params, generator=gen)
+            loss.backward()
+        opt.step()
+        update_ema(ema, model, step)
+        if critic is not None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                disc_loss = discriminator_loss(critic, x, fakes)
+            disc_opt.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            disc_opt.step()
+        if progress and step % 50 == 0:
+            img_s = (step + 1) * cfg.batch_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
+    bar.close()
+    if not math.isfinite(loss.item()):
+        raise GeneratorTrainingError(f"{desc}: the training loss is {loss.item()}; lower generator.lr or check the "
+                                     "training images")
+    return ema.cpu().eval(), float(loss.item())
 
 
 def private_step(model: torch.nn.Module, x: torch.Tensor, plan: PrivacyPlan, radius: float,
@@ -184,104 +326,25 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int) -> None:
         pe.lerp_(pm, 1 - beta)
 
 
-def train_module(images: np.ndarray, cfg: GeneratorConfig, seed: int, device: torch.device,
-                 desc: str = "module", progress: bool = True,
-                 privacy: PrivacyConfig = NO_PRIVACY) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train one module from scratch on uint8 images (N, H, W, C); returns (tensors, manifest fields).
+def trainer(plan: TrainingPlan):
+    """The one dispatch on family and mechanism: which function trains a module of this plan."""
+    if plan.privacy is not None:
+        return train_embedding_module if plan.privacy.method == "embedding" else train_dp_sgd_module
+    if plan.family == "aegmm":
+        return train_aegmm_module
+    if plan.family == "edm":
+        return train_edm_module
+    raise ValueError(f"unknown generator family {plan.family!r}; valid: aegmm, edm")
 
-    With privacy.epsilon > 0 (aegmm only) the whole module is (epsilon, delta)-DP for these images: DP-SGD with
-    Poisson sampling for the autoencoder, noisy moments for a one-Gaussian latent model (privacy/dp.py).
-    """
-    if len(images) == 0:
-        raise ValueError(f"{desc}: no images to train on")
-    # Before anything is trained: a budget the steps cannot meet is refused here.
-    plan = module_privacy_plan(cfg, privacy, len(images), desc)
-    if plan is not None and cfg.family != "aegmm":
-        raise ValueError(f"{desc}: privacy.epsilon is only supported for aegmm")
-    image_shape = (images.shape[3], images.shape[1], images.shape[2])
-    net_cfg = network_config(cfg, image_shape)
-    gen = torch_generator(seed)
-    torch.manual_seed(derive_seed(seed, "init"))  # parameter init is the only use of the global generator
-    training = requested_training(cfg, len(images), seed, privacy)
-    steps = training["steps"]
-    if plan is not None and plan.method == "embedding":
-        tensors, fields = train_embedding_module(images, cfg, plan, seed)
-        return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
-                         "diffusion": {}, "training": training | fields,
-                         "privacy": plan.manifest(fields["blur_sigma"])}
-    # Under DP-SGD the noise and the Poisson sample come from OS entropy (privacy/dp.py: secret_generator).
-    noise_gen = secret_generator() if plan is not None else None
-    sample_gen = secret_generator() if plan is not None else None
-    model = build_network(cfg.family, image_shape, net_cfg).to(device)
-    ema = build_network(cfg.family, image_shape, net_cfg).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    # The critic of the adversarial term (aegmm only): trained here, never shipped.
-    disc = PatchDiscriminator(image_shape[0], 2 * cfg.channels).to(device) if adversarial(cfg) else None
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.99)) if disc is not None else None
-    adversarial_from = int(steps * cfg.adversarial_start)
-    params = EDMParams()
-    data = torch.from_numpy(images)  # stays uint8; batches are scaled on the fly
-    use_amp = device.type == "cuda"
-    t0 = time.perf_counter()
-    bar = progress_bar(range(steps), desc, "step", progress)
-    for step in bar:
-        # Draw a batch: with replacement, so tiny classes still give full batches; a Poisson sample under DP.
-        if plan is None:
-            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
-        else:
-            idx = poisson_batch(len(data), plan.sampling_rate, sample_gen)
-        x = torch.from_numpy(to_float(data[idx].numpy())).to(device)
-        lr = lr_at(step, steps, cfg.lr)
-        for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
-            group["lr"] = lr
-        # Loss: L1 reconstruction (+ the adversarial term once the autoencoder has a shape to refine) for the
-        # autoencoder, Eq. 8 of EDM for diffusion; under DP-SGD the gradient is set by private_step instead.
-        critic = disc if disc is not None and step >= adversarial_from else None
-        opt.zero_grad(set_to_none=True)
-        if plan is not None:
-            # DP-SGD: clipped per-image gradients plus Gaussian noise (Abadi et al. 2016, Alg. 1).
-            loss = private_step(model, x, plan, plan.latent_radius, noise_gen)
-        else:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if cfg.family == "aegmm":
-                    loss, fakes = autoencoder_loss(model, x, critic, cfg.adversarial, gen)
-                else:
-                    loss = edm_loss(model, x, params, generator=gen)
-            loss.backward()
-        opt.step()
-        update_ema(ema, model, step)
-        if critic is not None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                disc_loss = discriminator_loss(critic, x, fakes)
-            disc_opt.zero_grad(set_to_none=True)
-            disc_loss.backward()
-            disc_opt.step()
-        if progress and step % 50 == 0:
-            img_s = (step + 1) * cfg.batch_size / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
-    bar.close()
-    if not math.isfinite(loss.item()):
-        raise GeneratorTrainingError(f"{desc}: the training loss is {loss.item()}; lower generator.lr or check the "
-                                     "training images")
-    ema = ema.cpu().eval()
-    if plan is not None:
-        # The loss of a batch of real images would be a statistic outside the guarantee: not recorded.
-        tensors, fields = fit_private_densities(ema, images, plan.latent_radius, plan.statistics_noise_multiplier)
-        return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
-                         "diffusion": {}, "training": training | fields,
-                         "privacy": plan.manifest(fields["blur_sigma"])}
-    training["final_loss"] = float(loss.item())
-    if cfg.family == "aegmm":
-        tensors, fields = fit_densities(ema, images, cfg.mixture_components, cfg.residual_rank, seed)
-        training |= fields
-        diffusion = {}
-    else:
-        tensors = {k: v.contiguous() for k, v in ema.state_dict().items()}
-        diffusion = params.to_dict() | {"sampler": "heun", "sampler_steps": cfg.sampler_steps}
-    return tensors, {"family": cfg.family, "image_shape": list(image_shape), "network": net_cfg,
-                     "diffusion": diffusion, "training": training}
+
+def train_module(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan, device: torch.device,
+                 desc: str = "module", progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train one module from scratch on uint8 images (N, H, W, C) as its plan says; returns (tensors, manifest
+    fields). With a privacy plan the whole module is (epsilon, delta)-DP for these images (privacy/dp.py)."""
+    if len(images) != plan.num_images or plan.family != cfg.family:
+        raise ValueError(f"{desc}: planned for {plan.num_images} {plan.family} images, given {len(images)} "
+                         f"{cfg.family}; plan the module with plan_training on the images it trains on")
+    return trainer(plan)(images, cfg, plan, device, desc, progress)
 
 
 def adversarial(cfg: GeneratorConfig) -> bool:

@@ -16,7 +16,6 @@ Everything else the module ships is post-processing of these, or fixed without l
 noise draw goes through gaussian_release, the one place noise is added.
 """
 
-import functools
 import math
 import secrets
 from dataclasses import dataclass
@@ -101,7 +100,6 @@ class PrivacyPlan:
                                     f"image count {self.num_images}: public ({ADJACENCY_TEXT})"]}
 
 
-@functools.lru_cache(maxsize=256)  # the same module is planned before training (to refuse early) and while training
 def plan_privacy(epsilon: float, delta: float, max_grad_norm: float, num_images: int, batch_size: int,
                  steps: int, method: str = "dp-sgd", latent_dim: int = 32) -> PrivacyPlan:
     """The noise every mechanism needs so the module spends at most (epsilon, delta); refuses an impossible budget.
