@@ -39,7 +39,7 @@ def main() -> None:
         t0 = time.perf_counter()
         module = train_client_module(data, plan_module(cfg, 0, 0, n), cfg.generator, device, progress=False)
         t1 = time.perf_counter()
-        release_check(module, data.images, None, cfg.run.seed, cfg.release.max_copy_fraction, device)
+        release_check(module, data.images, cfg.run.seed, cfg.release.max_copy_fraction, device)
         t2 = time.perf_counter()
         rows.append({"cell_size": n, "steps": module.manifest["training"]["steps"], "train_seconds": t1 - t0,
                      "check_seconds": t2 - t1, "share": (t2 - t1) / (t1 - t0)})

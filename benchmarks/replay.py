@@ -86,7 +86,7 @@ def main() -> None:
             t0 = time.perf_counter()
             synthetic = sample_module(tensors, manifest, range(RELEASE_SAMPLES), cfg.run.seed, device)
             audit = audit_images(synthetic, members, held_out, seed, resamples=100)
-            second, _ = near_copy_ratios(synthetic, members, None)
+            second, _ = near_copy_ratios(synthetic, members)
             rows.append({"class_id": c, "class_name": train.class_names[c], "cell_size": n,
                          "steps": fields["training"]["steps"], "train_seconds": round(seconds, 2),
                          "check_seconds": round(time.perf_counter() - t0, 2),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfactory.audit import near_copy_ratios, release_check
+from fedfactory.audit import NEAR_COPY_RATIO, near_copy_ratios, release_check
 from fedfactory.config import ConfigError, load_config
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.client import client_plans, train_client_modules
@@ -35,16 +35,24 @@ def test_a_module_built_to_replay_is_withheld_and_a_large_cell_is_released():
     # Deterministic: the same module gets the same verdict (the samples are the run seed's).
     module = trained["client-000_class-001"].module
     members = client_with({1: 2}).images
-    assert release_check(module, members, None, cfg.run.seed, cfg.release.max_copy_fraction) == two
+    assert release_check(module, members, cfg.run.seed, cfg.release.max_copy_fraction) == two
 
 
-def test_held_out_images_are_the_reference_where_the_site_has_them():
+def test_the_reference_is_the_second_nearest_training_image_whatever_a_site_holds():
+    # Copies of training images have ratio 0. Unseen images of the class are no copies, and their ratios stay where
+    # they are whether the site holds 20 training images of the class or all of them: both distances come from one
+    # set, so the verdict does not move with set sizes as a ratio against a held-out set does.
     train, test = load_dataset("digits", image_size=8)
-    members, held_out = train.images[train.labels == 4], test.images[test.labels == 4]
-    ratio, reference = near_copy_ratios(members[:50], members, held_out)
-    assert reference == f"nearest of {len(held_out)} held-out images" and (ratio < 1e-6).all()  # copies: ratio 0
-    ratio, reference = near_copy_ratios(held_out[:20], members, None)
-    assert reference == "second-nearest training image" and np.median(ratio) > 1 / 3  # fresh images are not copies
+    for c in (1, 4):
+        members, fresh = train.images[train.labels == c], test.images[test.labels == c]
+        ratio, reference = near_copy_ratios(members[:50], members)
+        assert reference == "second-nearest training image" and (ratio < 1e-6).all()
+        medians = []
+        for n in (20, 60, len(members)):
+            ratio, _ = near_copy_ratios(fresh, members[:n])
+            assert (ratio < NEAR_COPY_RATIO).mean() == 0
+            medians.append(np.median(ratio))
+        assert max(medians) - min(medians) < 0.1 and min(medians) > 0.8
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])

@@ -50,10 +50,9 @@ class Trained:
 
 
 def train_client_modules(data: ImageDataset, plans: dict[str, ModulePlan], cfg: Config, device: torch.device,
-                         skip: Callable[[ModulePlan], bool] = lambda plan: False,
-                         held_out: ImageDataset | None = None) -> Iterator[Trained]:
+                         skip: Callable[[ModulePlan], bool] = lambda plan: False) -> Iterator[Trained]:
     """Train each planned module of this client (client_plans) unless skip(plan), and check each before release
-    against the client's images of its class (and its held-out images of that class, where it has them).
+    against the client's images of its class.
 
     The check samples with the run seed, so its verdict is deterministic: a withheld module is withheld again on a
     rerun, and exact unlearning's verification reproduces it.
@@ -63,6 +62,4 @@ def train_client_modules(data: ImageDataset, plans: dict[str, ModulePlan], cfg: 
             continue
         module = train_client_module(data, plan, cfg.generator, device, progress=cfg.run.progress)
         members = data.images[data.labels == plan.class_id]
-        reference = None if held_out is None else held_out.images[held_out.labels == plan.class_id]
-        yield Trained(module, release_check(module, members, reference, cfg.run.seed,
-                                            cfg.release.max_copy_fraction, device))
+        yield Trained(module, release_check(module, members, cfg.run.seed, cfg.release.max_copy_fraction, device))

@@ -127,14 +127,12 @@ def local_data(cfg: Config, client_id: int) -> ImageDataset:
 
 
 def train_modules(data: ImageDataset, client_id: int | str, cfg: Config, device: torch.device,
-                  skip: frozenset[str] = frozenset(),
-                  held_out: ImageDataset | None = None) -> tuple[dict[str, bytes], list[dict]]:
+                  skip: frozenset[str] = frozenset()) -> tuple[dict[str, bytes], list[dict]]:
     """Module id -> module file bytes for every held class not in `skip` that passes the release check, and the
     check's record of every module trained (a withheld module's bytes never leave the site)."""
     modules, records = {}, []
     plans = client_plans(data, client_id, cfg)
-    for t in train_client_modules(data, plans, cfg, device, skip=lambda plan: plan.module_id in skip,
-                                  held_out=held_out):
+    for t in train_client_modules(data, plans, cfg, device, skip=lambda plan: plan.module_id in skip):
         records.append(t.release)
         if t.released:
             modules[t.module.manifest["module_id"]] = module_to_bytes(t.module.tensors, t.module.manifest)[0]
@@ -162,16 +160,6 @@ def train_expert(msg: Message, site: str, data: ImageDataset, cfg: Config, devic
     log.info("fedfactory site %s: expert trained on %d real + %d synthetic images from %d modules in %.1fs", site,
              len(data), len(images) - len(data), len(modules), seconds)
     return Message(expert_reply_content(site, config_hash(cfg), weights, seconds), reply_to=msg)
-
-
-def held_out_images(cfg: Config, site: str, root: Path, dataset: str) -> ImageDataset | None:
-    """The site's test folder for the release check, or None where it has none or it does not load (the check then
-    compares with the second-nearest training image instead)."""
-    try:
-        return site_data(cfg, root, dataset, "test")
-    except FedFactoryError as e:
-        log.info("fedfactory site %s: no held-out images for the release check (%s)", site, e)
-        return None
 
 
 def declared_test_images(cfg: Config, site: str, root: Path, dataset: str) -> int:
@@ -203,8 +191,7 @@ def train(msg: Message, context: Context) -> Message:
                 return train_expert(msg, site, data, cfg, device, t0)
             trained_on = dict(zip(task.get("skip", []), task.get("skip-counts", []), strict=False))
             skip = frozenset(module_id(site, c) for c, n in held.items() if trained_on.get(module_id(site, c)) == n)
-            # The site's test folder, where it has one, is the release check's held-out reference.
-            modules, release = train_modules(data, site, cfg, device, skip, held_out_images(cfg, site, root, dataset))
+            modules, release = train_modules(data, site, cfg, device, skip)
         except (FedFactoryError, ModuleError) as e:
             # The site's own data is at fault: say so under the site's name, so the server can name it.
             log.info("fedfactory site %s: %s", site, e)
