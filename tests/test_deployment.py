@@ -516,3 +516,6 @@ def test_a_pin_file_binds_site_names_to_nodes_and_the_run_records_it(sites, tmp_
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Sites: trust and influence" in report and "site-b (node 101)" in report
     assert "deployment, 2 sites: site-a, site-b" in report  # the header names the sites, not the run config's split
+    sent = metrics["bytes"]["modules_per_client"]
+    assert sent == {s: sum(m.startswith(s + "_") for m in metrics["modules"]) for s in ("site-a", "site-b")}
+    assert "What each site holds, sent and scored" in report

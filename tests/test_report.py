@@ -197,12 +197,15 @@ def test_sites_section_says_what_was_trusted_and_what_each_site_weighs(tiny_run,
     unpinned = metrics | {
         "trust": {"pinned": False, "note": "no pin file (flower.pins): site names were trusted as reported"},
         "site_shares": {"site-a": {"3": {"images": 30, "image_share": 0.75, "synthetic": 75, "synthetic_share": 0.75}}},
+        "bytes": {"per_client": {"site-a": 3072}, "modules_per_client": {"site-a": 1}},
         "evaluation": {"per_site": {"site-a": site}, "declared_test_images": {"site-a": 20, "site-b": 9},
                        "failed_sites": {"site-b": "site site-b scored 90 test images but declared 9 before scoring"}}}
     (rd / "metrics.json").write_text(json.dumps(unpinned))
     text = html.unescape(write_report(rd).read_text(encoding="utf-8"))
     assert "<h2>Sites: trust and influence</h2>" in text and "Not pinned: no pin file (flower.pins)" in text
     assert "<td>site-a</td><td>3</td><td>30</td><td>0.750</td><td>75</td><td>0.750</td>" in text
+    # what the site holds, sent and scored, in one row
+    assert "<td>site-a</td><td>3 30</td><td>1</td><td>3.0 KiB</td><td>20</td><td>0.5000</td>" in text
     assert "<b>pooled</b>" in text and "declared 9 before scoring" in text and "could not be drawn" not in text
     pinned = unpinned | {"trust": {"pinned": True, "pin_file": "/srv/federation.toml", "sites": {"site-a": 11},
                                    "note": "names bound to node ids"}}

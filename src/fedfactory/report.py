@@ -352,6 +352,7 @@ def section_sites(run: RunFiles) -> str:
                    f"{esc(trust.get('note', ''))}.</p>")
     elif trust:
         out.append(note(f"Not pinned: {trust.get('note', 'names and counts were trusted as reported')}."))
+    out.append(site_summary(m))
     rows = [[esc(site), esc(c), fmt(r["images"]), fmt(r["image_share"], 3), fmt(r["synthetic"]),
              fmt(r["synthetic_share"], 3)]
             for site, classes in sorted((m.get("site_shares") or {}).items()) for c, r in classes.items()]
@@ -373,6 +374,27 @@ def section_sites(run: RunFiles) -> str:
                                                             for s, r in sorted(ev["failed_sites"].items()))))
     out.append("</section>")
     return "".join(out)
+
+
+def site_summary(m: dict) -> str:
+    """One row per site: the real images it holds per class, the modules it sent and their bytes, and the test
+    images it scored with its own accuracy (from the counts it returned)."""
+    shares, sent = m.get("site_shares") or {}, m.get("bytes") or {}
+    per_site = (m.get("evaluation") or {}).get("per_site") or {}
+    rows = []
+    for site, classes in sorted(shares.items()):
+        held = ", ".join(f"{esc(c)} {fmt(r['images'])}" for c, r in classes.items() if r["images"])
+        scored = per_site.get(site) or {}
+        rows.append([esc(site), held or "none", fmt((sent.get("modules_per_client") or {}).get(site, 0)),
+                     human_bytes((sent.get("per_client") or {}).get(site, 0)), fmt(scored.get("num_test")),
+                     fmt(scored.get("accuracy"))])
+    if not rows:
+        return ""
+    return ("<p>What each site holds, sent and scored: its real training images per class, the modules that left "
+            "it (withheld ones stay home, see the release check) and their bytes, and the test images it scored with "
+            "its own accuracy.</p>"
+            + table(["site", "real images per class", "modules sent", "bytes sent", "test images scored", "accuracy"],
+                    rows, "num"))
 
 
 def real_images(run: RunFiles, per_module: int) -> tuple[dict[str, np.ndarray], str]:

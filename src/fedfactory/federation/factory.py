@@ -184,9 +184,11 @@ def bytes_per_client(manifests: list[dict], sizes: dict[str, int], receivers: li
     # Each client uploads its own modules; in local mode each receiver downloads every other client's (its own
     # never travel).
     up: dict[str, int] = {}
+    sent: dict[str, int] = {}
     for m in manifests:
         up[str(m["client_id"])] = up.get(str(m["client_id"]), 0) + sizes[m["module_id"]]
-    doc = {"per_module": sizes, "per_client": up, "total_up": sum(sizes.values())}
+        sent[str(m["client_id"])] = sent.get(str(m["client_id"]), 0) + 1
+    doc = {"per_module": sizes, "per_client": up, "modules_per_client": sent, "total_up": sum(sizes.values())}
     if receivers is not None:
         down = {str(k): sum(sizes[m["module_id"]] for m in manifests if m["client_id"] != k) for k in receivers}
         doc |= {"down_per_client": down, "total_down": sum(down.values())}
