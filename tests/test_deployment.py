@@ -310,6 +310,13 @@ def test_a_deployment_over_tls_trains_from_site_folders_and_evaluates_by_counts(
         assert "Failed to activate SuperNode" in intruder, fed.logs()
         assert "No SuperNode found with the given public key" in (tmp_path / "flwr-home" / "superlink.log").read_text()
         assert "https://127.0.0.1" in (tmp_path / "flwr-home" / "superlink.log").read_text()
+        # The same run config without its switch: the refusal, in one line naming the switch, is in what `flwr run`
+        # prints (Flower 1.42's `flwr run --stream` exits 0 whatever the ServerApp did).
+        bad = tmp_path / "no-switch.toml"
+        bad.write_text(to_toml(deployment_config(tmp_path / "never", 4)))
+        done = fed.run(ROOT, bad, timeout_s=120)
+        assert "add flower.deployment = true to its [flower] section" in done.stdout, done.stdout
+        assert not (tmp_path / "never").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sites"] == sorted(SITES)
     assert list(metrics["failed_sites"]) == ["site-d"] and "cannot decode image" in metrics["failed_sites"]["site-d"]
