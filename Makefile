@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(BIN)/fedfactory: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the tests that train a run or start Flower (marked slow in tests/conftest.py).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" --durations=5
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

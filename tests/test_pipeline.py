@@ -21,13 +21,6 @@ def without_timings(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "timings"}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = load_config("tiny", [f"run.out={out}"])
-    return cfg, run(cfg), out
-
-
 def test_tiny_run_writes_a_self_describing_directory(tiny_run):
     cfg, metrics, out = tiny_run
     assert METRIC_KEYS <= metrics.keys()

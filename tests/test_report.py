@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 from fedfactory.cli import main
-from fedfactory.config import load_config
-from fedfactory.federation.runner import run
 from fedfactory.report import REPORT_NAME, write_report
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -42,13 +40,6 @@ addEventListener("load", () => {
 </script>"""
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    metrics = run(load_config("tiny", [f"run.out={out}"]))
-    return metrics, out
-
-
 def copy_run(src: Path, dst: Path, pieces=("config.toml", "partition.json", "metrics.json", "modules")) -> Path:
     dst.mkdir()
     for name in pieces:
@@ -77,7 +68,7 @@ def probe(page: Path, report: str, profile: Path) -> dict:
 
 
 def test_run_writes_a_self_contained_report(tiny_run):
-    metrics, out = tiny_run
+    _, metrics, out = tiny_run
     text = (out / REPORT_NAME).read_text(encoding="utf-8")
     assert f'<b id="headline-accuracy">{metrics["accuracy"]:.4f}</b>' in text
     for heading in ("Results", "Partition", "Modules", "Costs", "Configuration"):
@@ -96,14 +87,14 @@ def test_run_writes_a_self_contained_report(tiny_run):
 
 
 def test_show_real_puts_real_images_next_to_each_module(tiny_run, tmp_path):
-    _, out = tiny_run
+    *_, out = tiny_run
     text = write_report(copy_run(out, tmp_path / "run"), show_real=True).read_text(encoding="utf-8")
     assert text.count('alt="real samples"') == text.count('alt="synthetic samples"') == 10
     assert "Synthetic images only" not in text
 
 
 def test_interrupted_run_gives_a_report_of_what_exists(tiny_run, tmp_path):
-    _, out = tiny_run
+    *_, out = tiny_run
     part = copy_run(out, tmp_path / "part", ("config.toml", "partition.json"))
     (part / "modules").mkdir()
     for k in range(3):
@@ -127,7 +118,7 @@ def test_interrupted_run_gives_a_report_of_what_exists(tiny_run, tmp_path):
 
 
 def test_comparison_and_unlearning_sections_render_when_present(tiny_run, tmp_path):
-    _, out = tiny_run
+    *_, out = tiny_run
     rd = copy_run(out, tmp_path / "run")
     row = {"rounds": 1, "accuracy": 0.9, "balanced_accuracy": 0.9, "macro_f1": 0.9, "auroc": 0.99,
            "bytes_up": 1000, "bytes_down": 0, "bytes_total": 1000, "wall_s": 1.5}
@@ -146,7 +137,7 @@ def test_comparison_and_unlearning_sections_render_when_present(tiny_run, tmp_pa
 
 
 def test_cli_report_and_its_errors(tiny_run, tmp_path, capsys):
-    _, out = tiny_run
+    *_, out = tiny_run
     rd = copy_run(out, tmp_path / "run")
     assert main(["report", str(rd)]) == 0
     assert capsys.readouterr().out.strip() == str(rd / REPORT_NAME)
@@ -160,7 +151,7 @@ def test_cli_report_and_its_errors(tiny_run, tmp_path, capsys):
 
 @needs_chromium
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
-    metrics, out = tiny_run
+    _, metrics, out = tiny_run
     report = out / REPORT_NAME
     text = report.read_text(encoding="utf-8")
     found = probe(tmp_path / "probe.html", text, tmp_path / "profile")
@@ -190,7 +181,7 @@ def test_probe_catches_a_failed_load(tmp_path):
 
 
 def test_sites_section_says_what_was_trusted_and_what_each_site_weighs(tiny_run, tmp_path):
-    _, out = tiny_run
+    *_, out = tiny_run
     rd = copy_run(out, tmp_path / "run")
     metrics = json.loads((rd / "metrics.json").read_text())
     site = {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.4, "auroc": 0.9, "num_test": 20}

@@ -32,10 +32,9 @@ def read_json(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def silos(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "silos"
-    run(load_config("tiny", [f"run.out={out}"]))
-    return out
+def silos(tiny_run) -> Path:
+    """The session's tiny run: silos, one class per client."""
+    return tiny_run[2]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def dirichlet(tmp_path_factory) -> Path:
 def test_unlearning_a_silo_forgets_its_class_verifiably_and_leaves_the_source_untouched(silos, capsys):
     source = tree_hashes(silos)
     assert main(["unlearn", str(silos), "--client", "3", "--verify"]) == 0
-    out = silos.parent / "silos-unlearn-client-3"
+    out = silos.parent / f"{silos.name}-unlearn-client-3"
     assert str(out) in capsys.readouterr().out
     assert tree_hashes(silos) == source
     cert, metrics = read_json(out / "unlearning.json"), read_json(out / "metrics.json")
@@ -213,7 +212,7 @@ def test_benchmark_script_runs_on_the_tiny_preset(silos, tmp_path):
     assert {"git_commit", "git_dirty"} <= result.keys() and result["command"].startswith("python benchmarks/unlearning")
     if (ROOT / ".git").exists():
         assert f"at commit `{result['git_commit'][:12]}`" in (tmp_path / "unlearning-tiny.md").read_text()
-    assert not (silos.parent / "silos-unlearn-client-2").exists()
+    assert not (silos.parent / f"{silos.name}-unlearn-client-2").exists()
 
 
 def client_with_a_small_cell(run_dir: Path) -> int:
