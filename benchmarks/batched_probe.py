@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from fedfactory.config import load_config
-from fedfactory.data.datasets import to_float
+from fedfactory.data.images import to_float
 from fedfactory.generative.aegmm import AutoEncoder, autoencoder_loss
 from fedfactory.runs import atomic_write_json, provenance
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from fedfactory.config import load_config
-from fedfactory.data.datasets import load_dataset, to_float
+from fedfactory.data.datasets import load_dataset
+from fedfactory.data.images import to_float
 from fedfactory.generative.aegmm import AutoEncoder
 from fedfactory.generative.train import lr_at, private_step
 from fedfactory.privacy.dp import clip_rows, latent_radius, plan_privacy, poisson_batch

@@ -10,7 +10,7 @@ import torch
 
 from fedfactory.cli import main
 from fedfactory.config import load_config
-from fedfactory.data.datasets import ImageDataset
+from fedfactory.data.images import ImageDataset
 from fedfactory.device import select_device
 from fedfactory.federation import compare as compare_module
 from fedfactory.federation.compare import COLUMNS, METHODS, compare, parse_methods

@@ -9,7 +9,7 @@ import pytest
 
 from fedfactory.cli import USER_ERRORS, main
 from fedfactory.config import ConfigError, load_config, to_toml, valid_keys
-from fedfactory.data.datasets import DatasetError
+from fedfactory.data.images import DatasetError
 from fedfactory.data.partition import PartitionError
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.compare import CompareError

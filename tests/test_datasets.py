@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 from fedfactory.data import datasets
-from fedfactory.data.datasets import (
-    DatasetError,
-    ImageDataset,
-    load_dataset,
-    resize,
-    to_float,
-    to_uint8,
-)
+from fedfactory.data.datasets import load_dataset
+from fedfactory.data.images import DatasetError, ImageDataset, resize, to_float, to_uint8
 
 
 def test_image_dataset_validates_and_subsets():

@@ -34,7 +34,9 @@ from fedfactory.audit import AuditError, audit_run  # noqa: E402
 from fedfactory.classifier import classifier_from_state, predict_log_proba, predict_proba  # noqa: E402
 from fedfactory.cli import main  # noqa: E402
 from fedfactory.config import ConfigError, class_list, config_hash, load_config, to_toml  # noqa: E402
-from fedfactory.data.datasets import DatasetError, load_data, read_class_folders, write_class_folders  # noqa: E402
+from fedfactory.data.datasets import load_data  # noqa: E402
+from fedfactory.data.folders import read_class_folders, write_class_folders  # noqa: E402
+from fedfactory.data.images import DatasetError  # noqa: E402
 from fedfactory.federation.factory import combine_experts, product_of_experts  # noqa: E402
 from fedfactory.federation.intake import counts_limit, load_pins  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402

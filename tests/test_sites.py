@@ -6,7 +6,9 @@ from PIL import Image
 
 from fedfactory.cli import main
 from fedfactory.config import ConfigError, load_config
-from fedfactory.data.datasets import DatasetError, load_data, load_image_folder, read_class_folders
+from fedfactory.data.datasets import load_data
+from fedfactory.data.folders import load_image_folder, read_class_folders
+from fedfactory.data.images import DatasetError
 from fedfactory.data.partition import class_histogram, split_clients, split_test_by_holders
 
 CLASSES = ("benign", "melanoma", "nevus")

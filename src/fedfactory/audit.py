@@ -25,7 +25,9 @@ import torch
 from scipy import stats
 
 from fedfactory.config import class_list, load_config
-from fedfactory.data.datasets import load_data, read_class_folders, to_float
+from fedfactory.data.datasets import load_data
+from fedfactory.data.folders import read_class_folders
+from fedfactory.data.images import to_float
 from fedfactory.errors import FedFactoryError
 from fedfactory.generative.edm import EDMParams, denoise
 from fedfactory.generative.train import build_network, sample_module

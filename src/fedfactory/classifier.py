@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedfactory.config import ClassifierConfig
-from fedfactory.data.datasets import to_float
+from fedfactory.data.images import to_float
 from fedfactory.errors import FedFactoryError
 from fedfactory.progress import progress as progress_bar
 

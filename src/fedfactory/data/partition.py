@@ -11,7 +11,7 @@ from fedfactory.seeding import derive_seed
 
 if TYPE_CHECKING:
     from fedfactory.config import DataConfig
-    from fedfactory.data.datasets import ImageDataset
+    from fedfactory.data.images import ImageDataset
 
 SCHEMES = ("iid", "pathological", "dirichlet", "natural")
 

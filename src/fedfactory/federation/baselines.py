@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from fedfactory.classifier import augment, build_classifier, predict_proba, train_classifier
 from fedfactory.config import BaselinesConfig, ClassifierConfig
-from fedfactory.data.datasets import ImageDataset, to_float
+from fedfactory.data.images import ImageDataset, to_float
 from fedfactory.metrics import evaluate
 from fedfactory.progress import progress as progress_bar
 from fedfactory.seeding import derive_seed, numpy_rng

@@ -9,7 +9,7 @@ import torch
 
 from fedfactory.audit import release_check
 from fedfactory.config import Config, GeneratorConfig
-from fedfactory.data.datasets import ImageDataset
+from fedfactory.data.images import ImageDataset
 from fedfactory.data.partition import implied_cells
 from fedfactory.federation.plan import ModulePlan, plan_modules
 from fedfactory.generative.train import train_module

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from fedfactory.config import Config
-from fedfactory.data.datasets import ImageDataset
+from fedfactory.data.images import ImageDataset
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.plan import module_seed
 from fedfactory.generative.train import network_config, requested_training, sample_module

@@ -17,7 +17,8 @@ from safetensors.torch import save
 
 from fedfactory.classifier import TrainingError, predict_log_proba, predict_proba, train_classifier
 from fedfactory.config import Config, config_hash
-from fedfactory.data.datasets import ImageDataset, load_data
+from fedfactory.data.datasets import load_data
+from fedfactory.data.images import ImageDataset
 from fedfactory.data.partition import class_histogram, format_histogram, implied_cells, split_clients
 from fedfactory.device import select_device
 from fedfactory.federation.client import Trained, train_client_modules

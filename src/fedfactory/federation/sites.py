@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 from fedfactory.config import Config, ConfigError, to_toml
-from fedfactory.data.datasets import ImageDataset, load_dataset, write_class_folders
+from fedfactory.data.datasets import load_dataset
+from fedfactory.data.folders import write_class_folders
+from fedfactory.data.images import ImageDataset
 from fedfactory.data.partition import class_histogram, split_clients, split_test_by_holders
 from fedfactory.runs import atomic_write_text
 from fedfactory.seeding import derive_seed

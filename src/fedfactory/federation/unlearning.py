@@ -36,7 +36,9 @@ import torch
 from safetensors.torch import load_file
 
 from fedfactory.config import Config, apply, config_hash, load_config, to_toml
-from fedfactory.data.datasets import ImageDataset, load_data, read_class_folders
+from fedfactory.data.datasets import load_data
+from fedfactory.data.folders import read_class_folders
+from fedfactory.data.images import ImageDataset
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError

@@ -24,7 +24,9 @@ from safetensors.torch import load, save
 
 from fedfactory.classifier import classifier_from_state, predict_log_proba, train_classifier
 from fedfactory.config import Config, ConfigError, class_list, config_hash
-from fedfactory.data.datasets import ImageDataset, load_data, load_dataset, read_class_folders, relabel
+from fedfactory.data.datasets import load_data, load_dataset
+from fedfactory.data.folders import read_class_folders
+from fedfactory.data.images import ImageDataset, relabel
 from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError

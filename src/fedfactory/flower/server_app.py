@@ -26,7 +26,8 @@ from safetensors.torch import load, save
 
 from fedfactory.classifier import classifier_from_state
 from fedfactory.config import Config, ConfigError, class_list, config_hash
-from fedfactory.data.datasets import ImageDataset, read_class_folders
+from fedfactory.data.folders import read_class_folders
+from fedfactory.data.images import ImageDataset
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from fedfactory.data.datasets import to_float, to_uint8
+from fedfactory.data.images import to_float, to_uint8
 from fedfactory.privacy.dp import clip_rows, noisy_moments, random_features, secret_generator
 from fedfactory.seeding import derive_seed, torch_generator
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedfactory.config import NO_PRIVACY, GeneratorConfig, PrivacyConfig
-from fedfactory.data.datasets import to_float, to_uint8
+from fedfactory.data.images import to_float, to_uint8
 from fedfactory.errors import FedFactoryError
 from fedfactory.generative.aegmm import (
     BLUR_GRID,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedfactory.data.datasets import to_float
+from fedfactory.data.images import to_float
 from fedfactory.privacy.accounting import (
     ACCOUNTANT,
     ADJACENCY,
