@@ -25,9 +25,10 @@ from fedfactory.classifier import predict_log_proba, predict_proba, train_classi
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
 from fedfactory.federation.factory import local_training_set, product_of_experts, synthesize  # noqa: E402
-from fedfactory.generative.artifact import module_id, module_to_bytes  # noqa: E402
 from fedfactory.generative.train import plan_training, train_module  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
+from fedfactory.modules.files import module_to_bytes  # noqa: E402
+from fedfactory.modules.ids import module_id  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
 from fedfactory.seeding import derive_seed  # noqa: E402

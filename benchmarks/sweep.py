@@ -42,9 +42,10 @@ def run_variant(name: str, args) -> dict:
     from fedfactory.data.datasets import load_dataset
     from fedfactory.device import select_device
     from fedfactory.federation.factory import synthesize
-    from fedfactory.generative.artifact import module_id, module_to_bytes
     from fedfactory.generative.train import plan_training, train_module
     from fedfactory.metrics import evaluate
+    from fedfactory.modules.files import module_to_bytes
+    from fedfactory.modules.ids import module_id
     from fedfactory.seeding import derive_seed
 
     device = select_device(args.device, 2)

@@ -15,8 +15,8 @@ import torch
 
 from fedfactory.config import GeneratorConfig
 from fedfactory.device import select_device
-from fedfactory.generative.artifact import module_id
 from fedfactory.generative.train import plan_training, sample_module, train_module
+from fedfactory.modules.ids import module_id
 from fedfactory.runs import atomic_write_json, provenance
 
 CASES = {  # name: (image shape HWC, generator config)

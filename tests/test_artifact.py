@@ -13,23 +13,18 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fedfactory
-from fedfactory.generative import artifact
-from fedfactory.generative.artifact import (
-    FORMAT_VERSION,
-    MANIFEST_KEY,
+from fedfactory.modules import files as artifact
+from fedfactory.modules.files import (
     MAX_HEADER_BYTES,
-    ModuleError,
-    is_site_name,
     load_module,
-    manifest_sha256,
-    module_filename,
     module_from_bytes,
-    module_id,
     module_to_bytes,
     read_manifest,
     save_module,
-    weights_sha256,
 )
+from fedfactory.modules.ids import is_site_name, module_filename, module_id
+from fedfactory.modules.manifest import FORMAT_VERSION, MANIFEST_KEY, manifest_sha256, weights_sha256
+from fedfactory.modules.refusal import ModuleError
 
 
 def make_tensors(seed=0):

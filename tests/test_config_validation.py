@@ -16,7 +16,7 @@ from fedfactory.federation.compare import CompareError
 from fedfactory.federation.factory import SynthesisError
 from fedfactory.federation.unlearning import UnlearningError
 from fedfactory.flower.run_config import flower_keys
-from fedfactory.generative.artifact import ModuleError
+from fedfactory.modules.refusal import ModuleError
 from fedfactory.report import ReportError
 from fedfactory.runs import RunDirError
 

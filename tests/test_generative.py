@@ -6,10 +6,11 @@ from fedfactory.config import GeneratorConfig
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import allocate, plan_synthesis
 from fedfactory.generative.aegmm import fit_residual
-from fedfactory.generative.artifact import load_module, module_id, save_module
 from fedfactory.generative.edm import EDMParams, denoise, edm_loss, heun_sample, sigma_steps
 from fedfactory.generative.train import expected_tensors, plan_training, sample_module, train_module
 from fedfactory.generative.unet import UNet
+from fedfactory.modules.files import load_module, save_module
+from fedfactory.modules.ids import module_id
 from fedfactory.registry import module_spec
 
 CPU = torch.device("cpu")

@@ -14,7 +14,9 @@ from fedfactory.cli import main
 from fedfactory.config import GeneratorConfig, load_config
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.client import client_plans, train_client_module
-from fedfactory.generative.artifact import ModuleError, load_module, module_filename, read_manifest, save_module
+from fedfactory.modules.files import load_module, read_manifest, save_module
+from fedfactory.modules.ids import module_filename
+from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import load_registry, module_spec
 
 

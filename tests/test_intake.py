@@ -22,8 +22,8 @@ from fedfactory.federation.intake import (
     stale_modules,
     trust_record,
 )
-from fedfactory.generative.artifact import MAX_FILE_BYTES
 from fedfactory.metrics import score_counts
+from fedfactory.modules.files import MAX_FILE_BYTES
 
 CLASSES = ("cat", "dog", "fox")
 PIN_FILE = """

@@ -10,6 +10,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("support", ("config", "errors", "seeding", "runs", "device", "progress", "__init__")),
     ("data", ("data",)),
     ("privacy", ("privacy",)),
+    ("modules", ("modules",)),
     ("ml", ("generative", "classifier", "metrics", "registry")),
     ("report and audit", ("report", "audit")),
     ("federation", ("federation",)),

@@ -10,7 +10,7 @@ from fedfactory.data.datasets import load_data
 from fedfactory.data.partition import split_clients
 from fedfactory.federation.client import client_plans, train_client_module
 from fedfactory.federation.runner import run, save_classifier
-from fedfactory.generative.artifact import save_module
+from fedfactory.modules.files import save_module
 from fedfactory.runs import RunDirError
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "macro_recall", "auroc",

@@ -18,8 +18,9 @@ from fedfactory.federation.factory import trained_as_asked
 from fedfactory.federation.runner import run
 from fedfactory.federation.unlearning import unlearn
 from fedfactory.generative.aegmm import PRIVATE_BLUR_SIGMA, AutoEncoder
-from fedfactory.generative.artifact import ModuleError, module_to_bytes
 from fedfactory.generative.train import plan_training, train_module
+from fedfactory.modules.files import module_to_bytes
+from fedfactory.modules.refusal import ModuleError
 from fedfactory.privacy import dp
 from fedfactory.privacy.accounting import (
     Mechanism,

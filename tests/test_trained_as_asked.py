@@ -4,8 +4,8 @@ from fedfactory.config import load_config
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import trained_as_asked
 from fedfactory.federation.plan import plan_module
-from fedfactory.generative.artifact import module_id
 from fedfactory.generative.train import train_module
+from fedfactory.modules.ids import module_id
 
 
 def test_a_module_is_reused_only_if_every_recorded_choice_matches():

@@ -16,7 +16,7 @@ from fedfactory.federation.client import train_client_module
 from fedfactory.federation.plan import plan_module
 from fedfactory.federation.runner import run
 from fedfactory.federation.unlearning import unlearn
-from fedfactory.generative.artifact import save_module
+from fedfactory.modules.files import save_module
 from fedfactory.runs import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]

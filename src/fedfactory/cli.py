@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fedfactory.config import load_config, valid_keys
 from fedfactory.errors import FedFactoryError
-from fedfactory.generative.artifact import ModuleError
+from fedfactory.modules.refusal import ModuleError
 
 # Only the project's own refusals become one-line errors; any other exception is a bug and keeps its traceback.
 USER_ERRORS = (FedFactoryError, ModuleError)
@@ -92,7 +92,7 @@ def cmd_audit(args) -> int:
 
 def check_module_file(path: Path, in_registry: bool) -> tuple[dict | None, str | None]:
     """(manifest or None, refusal or None) for one module file, checked as load_registry checks it."""
-    from fedfactory.generative.artifact import load_module, read_manifest
+    from fedfactory.modules.files import load_module, read_manifest
     from fedfactory.registry import load_registry_file, module_spec
 
     try:

@@ -8,8 +8,10 @@ from typing import NamedTuple
 
 import torch
 
-from fedfactory.generative.artifact import ModuleError, load_module, module_filename
 from fedfactory.generative.train import expected_tensors
+from fedfactory.modules.files import load_module
+from fedfactory.modules.ids import module_filename
+from fedfactory.modules.refusal import ModuleError
 
 
 class Module(NamedTuple):

@@ -30,8 +30,9 @@ from fedfactory.config import Config, load_config
 from fedfactory.data.datasets import load_data
 from fedfactory.data.partition import implied_cells
 from fedfactory.errors import FedFactoryError
-from fedfactory.generative.artifact import ModuleError, module_id
 from fedfactory.generative.train import sample_module
+from fedfactory.modules.ids import module_id
+from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import load_registry_file
 from fedfactory.runs import atomic_write_bytes, atomic_write_text
 

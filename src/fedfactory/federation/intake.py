@@ -16,8 +16,8 @@ import numpy as np
 from fedfactory.config import ConfigError
 from fedfactory.data.partition import implied_cells
 from fedfactory.errors import FedFactoryError
-from fedfactory.generative.artifact import is_site_name, module_id
 from fedfactory.metrics import NUM_BINS, check_counts
+from fedfactory.modules.ids import is_site_name, module_id
 
 # A site's images of one class or of its test set, as it reports them: far beyond any real site, and small enough
 # that sums of counts (class histograms, mixture weights, confusion matrices) stay exact in int64.

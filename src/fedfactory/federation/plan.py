@@ -8,8 +8,8 @@ compares its manifest with the same fields (factory.trained_as_asked), so nothin
 from dataclasses import dataclass
 
 from fedfactory.config import Config
-from fedfactory.generative.artifact import module_id
 from fedfactory.generative.train import TrainingPlan, plan_training
+from fedfactory.modules.ids import module_id
 from fedfactory.seeding import derive_seed
 
 

@@ -39,8 +39,10 @@ from fedfactory.federation.intake import (
     trust_record,
 )
 from fedfactory.federation.plan import ModulePlan, plan_modules
-from fedfactory.generative.artifact import ModuleError, module_filename, save_module
 from fedfactory.metrics import evaluate, format_table
+from fedfactory.modules.files import save_module
+from fedfactory.modules.ids import module_filename
+from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import Module, load_registry, load_registry_file
 from fedfactory.report import write_report, write_samples_png
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging

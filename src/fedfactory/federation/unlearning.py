@@ -51,8 +51,9 @@ from fedfactory.federation.runner import (
     server_stage,
     test_set_score,
 )
-from fedfactory.generative.artifact import module_filename, module_id, weights_sha256
 from fedfactory.metrics import metrics_from_counts, score_counts
+from fedfactory.modules.ids import module_filename, module_id
+from fedfactory.modules.manifest import weights_sha256
 from fedfactory.registry import Module, load_registry
 from fedfactory.report import write_report
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, atomic_write_text, setup_logging, sha256_file

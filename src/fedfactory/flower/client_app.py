@@ -45,8 +45,10 @@ from fedfactory.flower.wire import (
     site_error_content,
     site_reply_content,
 )
-from fedfactory.generative.artifact import ModuleError, is_site_name, module_from_bytes, module_id, module_to_bytes
 from fedfactory.metrics import score_counts
+from fedfactory.modules.files import module_from_bytes, module_to_bytes
+from fedfactory.modules.ids import is_site_name, module_id
+from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import Module, module_spec
 from fedfactory.seeding import derive_seed
 

@@ -81,13 +81,10 @@ from fedfactory.flower.wire import (
     task_content,
     wire_bytes,
 )
-from fedfactory.generative.artifact import (
-    ModuleError,
-    module_filename,
-    module_from_bytes,
-    module_id,
-)
 from fedfactory.metrics import metrics_from_counts
+from fedfactory.modules.files import module_from_bytes
+from fedfactory.modules.ids import module_filename, module_id
+from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import Module, load_registry, load_registry_file, module_spec
 from fedfactory.report import write_report
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging

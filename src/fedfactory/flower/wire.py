@@ -14,7 +14,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedfactory.federation.intake import oversized
-from fedfactory.generative.artifact import MAX_FILE_BYTES, ModuleError
+from fedfactory.modules.files import MAX_FILE_BYTES
+from fedfactory.modules.refusal import ModuleError
 
 MODULE_STYPE = "fedfactory.safetensors"
 TRAIN = "train"  # message type: train every module this node holds
