@@ -13,9 +13,6 @@ from fedfactory.config import load_config, valid_keys
 from fedfactory.errors import FedFactoryError
 from fedfactory.modules.refusal import ModuleError
 
-# Only the project's own refusals become one-line errors; any other exception is a bug and keeps its traceback.
-USER_ERRORS = (FedFactoryError, ModuleError)
-
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1, refused in one line otherwise."""
@@ -213,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("module", metavar="MODULE", help="a module .safetensors file, or a registry directory of them")
     p.set_defaults(func=cmd_inspect)
     args = parser.parse_args(argv)
+    # Only the project's own refusals (ModuleError among them) become one line; any other exception is a bug and
+    # keeps its traceback.
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except FedFactoryError as e:
         if args.debug:
             raise
         print(f"fedfactory: error: {e}", file=sys.stderr)

@@ -48,7 +48,6 @@ from fedfactory.flower.wire import (
 from fedfactory.metrics import score_counts
 from fedfactory.modules.files import module_from_bytes, module_to_bytes
 from fedfactory.modules.ids import is_site_name, module_id
-from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import Module, module_spec
 from fedfactory.seeding import derive_seed
 
@@ -196,7 +195,7 @@ def train(msg: Message, context: Context) -> Message:
             trained_on = dict(zip(task.get("skip", []), task.get("skip-counts", []), strict=False))
             skip = frozenset(module_id(site, c) for c, n in held.items() if trained_on.get(module_id(site, c)) == n)
             modules, release = train_modules(data, site, cfg, device, skip)
-        except (FedFactoryError, ModuleError) as e:
+        except FedFactoryError as e:
             # The site's own data is at fault: say so under the site's name, so the server can name it.
             log.info("fedfactory site %s: %s", site, e)
             return Message(site_error_content(site, config_hash(cfg), str(e)), reply_to=msg)
