@@ -44,6 +44,7 @@ from fedfactory.config import load_config, to_toml
 from fedfactory.federation.sites import split_sites
 from fedfactory.flower import loopback
 from fedfactory.flower.wire import module_array
+from fedfactory.modules.ids import client_name, client_of
 from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,7 +98,7 @@ def summarize(modes: dict, source: dict, preset: str, overrides: list[str]) -> d
     files = {p.name: p.read_bytes() for p in sorted((modes["in_process"]["out"] / "modules").glob("*"))}
     per_module = {name: {"file": len(data), "array_on_wire": array_wire_bytes(data)} for name, data in files.items()}
     flower = modes["deployment"]["metrics"]["flower"]
-    per_client = {k: {"modules": len([m for m in files if m.startswith(f"client-{int(k):03d}_")]),
+    per_client = {k: {"modules": len([m for m in files if client_of(m) == client_name(int(k))]),
                       "module_bytes": flower["module_bytes_received"][k], "reply_message": flower["bytes_on_wire"][k]}
                   for k in sorted(flower["bytes_on_wire"], key=int)}
     file_total = sum(m["file"] for m in per_module.values())

@@ -28,7 +28,7 @@ rounds with no communication at all, and each client's model is evaluated on the
 
 import numpy as np
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load
 from torch import nn
 from torch.nn import functional as F
 
@@ -36,6 +36,7 @@ from fedfactory.classifier import augment, build_classifier, predict_proba, trai
 from fedfactory.config import BaselinesConfig, ClassifierConfig
 from fedfactory.data.images import ImageDataset, to_float
 from fedfactory.metrics import evaluate
+from fedfactory.modules.files import tensors_to_bytes
 from fedfactory.progress import progress as progress_bar
 from fedfactory.seeding import derive_seed, numpy_rng
 
@@ -48,7 +49,7 @@ Tensors = dict[str, torch.Tensor]
 
 def to_payload(tensors: Tensors) -> bytes:
     """What goes over the wire: the tensors serialized with safetensors (no pickle)."""
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return tensors_to_bytes(tensors)
 
 
 def from_payload(data: bytes, device: torch.device) -> Tensors:

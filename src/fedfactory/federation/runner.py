@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save
 
 from fedfactory.classifier import TrainingError, predict_log_proba, predict_proba, train_classifier
 from fedfactory.config import Config, config_hash
@@ -40,8 +39,8 @@ from fedfactory.federation.intake import (
 )
 from fedfactory.federation.plan import ModulePlan, plan_modules
 from fedfactory.metrics import evaluate, format_table
-from fedfactory.modules.files import save_module
-from fedfactory.modules.ids import module_filename
+from fedfactory.modules.files import save_module, tensors_to_bytes
+from fedfactory.modules.ids import client_name, module_filename
 from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import Module, load_registry, load_registry_file
 from fedfactory.report import write_report, write_samples_png
@@ -157,7 +156,7 @@ def save_classifier(model: torch.nn.Module, path: Path) -> None:
         raise TrainingError(f"{path.stem}: training diverged, tensors {', '.join(bad[:3])} hold NaN or Inf; lower "
                             "classifier.lr or check the training images")
     # Serialized in memory: a temp file of our own would outlive a kill, and only atomic_write_bytes cleans up.
-    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+    atomic_write_bytes(path, tensors_to_bytes(model.state_dict()))
 
 
 def input_blur(cfg: Config, modules: list[Module]) -> float:
@@ -254,7 +253,7 @@ def server_stage(cfg: Config, modules: list[Module], class_names: tuple[str, ...
 
 
 def expert_path(out: Path, client_id: int) -> Path:
-    return out / "experts" / f"client-{client_id:03d}.safetensors"
+    return out / "experts" / f"{client_name(client_id)}.safetensors"
 
 
 def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], train: ImageDataset, test: ImageDataset,

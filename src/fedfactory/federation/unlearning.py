@@ -52,7 +52,7 @@ from fedfactory.federation.runner import (
     test_set_score,
 )
 from fedfactory.metrics import metrics_from_counts, score_counts
-from fedfactory.modules.ids import module_filename, module_id
+from fedfactory.modules.ids import client_name, client_of, module_filename, module_id
 from fedfactory.modules.manifest import weights_sha256
 from fedfactory.registry import Module, load_registry
 from fedfactory.report import write_report
@@ -287,9 +287,9 @@ def withheld_modules(run_dir: Path) -> frozenset[str]:
 def keep_release_records(run_dir: Path, stage: Path, removed: list[dict], clients) -> None:
     """The source run's release records without the removed modules' and the withdrawn clients' ones."""
     gone = {m["module_id"] for m in removed}
-    prefixes = tuple(f"{module_id(k, 0).rsplit('_', 1)[0]}_" for k in clients)
+    withdrawn = {client_name(k) for k in clients}
     record_release(stage, [r for mid, r in read_release(run_dir).items()
-                           if mid not in gone and not (prefixes and mid.startswith(prefixes))])
+                           if mid not in gone and client_of(mid) not in withdrawn])
 
 
 def withdraw_rows(parts: list[np.ndarray], labels: np.ndarray, removed: list[dict], clients=()) -> list[np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from safetensors.torch import load, save
+from safetensors.torch import load
 
 from fedfactory.classifier import classifier_from_state, predict_log_proba, train_classifier
 from fedfactory.config import Config, ConfigError, class_list, config_hash
@@ -46,7 +46,7 @@ from fedfactory.flower.wire import (
     site_reply_content,
 )
 from fedfactory.metrics import score_counts
-from fedfactory.modules.files import module_from_bytes, module_to_bytes
+from fedfactory.modules.files import module_from_bytes, module_to_bytes, tensors_to_bytes
 from fedfactory.modules.ids import is_site_name, module_id
 from fedfactory.registry import Module, module_spec
 from fedfactory.seeding import derive_seed
@@ -158,7 +158,7 @@ def train_expert(msg: Message, site: str, data: ImageDataset, cfg: Config, devic
                              derive_seed(cfg.run.seed, "classifier", site), device, desc=f"expert {site}",
                              progress=cfg.run.progress,
                              input_blur=float(msg.content.config_records[TASK].get("input-blur", 0.0)))
-    weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    weights = tensors_to_bytes(model.state_dict())
     seconds = time.perf_counter() - t0
     log.info("fedfactory site %s: expert trained on %d real + %d synthetic images from %d modules in %.1fs", site,
              len(data), len(images) - len(data), len(modules), seconds)

@@ -22,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load
 
 from fedfactory.classifier import classifier_from_state
 from fedfactory.config import Config, ConfigError, class_list, config_hash
@@ -82,8 +82,8 @@ from fedfactory.flower.wire import (
     wire_bytes,
 )
 from fedfactory.metrics import metrics_from_counts
-from fedfactory.modules.files import module_from_bytes
-from fedfactory.modules.ids import module_filename, module_id
+from fedfactory.modules.files import module_from_bytes, tensors_to_bytes
+from fedfactory.modules.ids import client_name, client_of, module_filename, module_id
 from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import Module, load_registry, load_registry_file, module_spec
 from fedfactory.report import write_report
@@ -414,7 +414,7 @@ def score_at_sites(grid: Grid, cfg: Config, fl: FlowerConfig, got: Collected, cl
     """The server's Score in a deployment: the sites score the classifier on their test folders (counts only)."""
 
     def score(model: torch.nn.Module, blur: float) -> dict:
-        weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        weights = tensors_to_bytes(model.state_dict())
         metrics = evaluate_at_sites(grid, cfg, fl, got, classes, {"classifier": weights}, blur, report)
         if cfg.data.test_root:
             # A public test set the server itself owns, scored here as well.
@@ -645,7 +645,7 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
         raise RuntimeError(f"no client delivered a module, nothing to synthesize from; errors: {got.errors}")
     report = failure_report(got, expected, {m["module_id"] for m, _ in modules}, nodes)
     for k in report["failed_clients"]:
-        lost = [mid for mid in report["missing_modules"] if mid.startswith(f"client-{k:03d}_")]
+        lost = [mid for mid in report["missing_modules"] if client_of(mid) == client_name(k)]
         log.info("client %d delivered no modules; missing: %s", k, ", ".join(lost) or "none (all reused)")
     metrics = factory_stage(cfg, modules, parts, train, test, out, device, timer)
     # server_stage has written metrics.json; this atomic rewrite adds the keys only a federated run has.

@@ -58,8 +58,8 @@ def _parse_json(text: str | bytes, source: str, what: str) -> object:
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Safetensors bytes of a state dict on any device: the one serializer of modules, classifiers and payloads."""
-    # Private contiguous CPU copies: safetensors refuses views and tensors that share storage.
-    cpu = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format) for name, t in tensors.items()}
+    # Private contiguous CPU copies (one copy, from any device): safetensors refuses views and shared storage.
+    cpu = {name: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for name, t in tensors.items()}
     return safetensors.torch.save(cpu, metadata=metadata)
 
 
