@@ -1,5 +1,5 @@
 """A module file: safetensors bytes with the manifest in their metadata, written atomically and read back without
-pickle, checking every byte of the header before safetensors parses it (docs/architecture.md, "The module file")."""
+pickle, checking the header ourselves before safetensors parses it (docs/architecture.md, "The module file")."""
 
 import json
 import math
