@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedfactory.config import load_config
-from fedfactory.data.datasets import ImageDataset
+from fedfactory.data.images import ImageDataset
 from fedfactory.data.partition import class_histogram, implied_cells
 from fedfactory.federation.unlearning.plan import UnlearningError, plan_deployment, plan_simulation
 from fedfactory.generative.artifact import module_id
