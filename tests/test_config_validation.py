@@ -14,7 +14,7 @@ from fedfactory.data.partition import PartitionError
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.compare import CompareError
 from fedfactory.federation.factory import SynthesisError
-from fedfactory.federation.unlearning import UnlearningError
+from fedfactory.federation.unlearning.plan import UnlearningError
 from fedfactory.flower.run_config import flower_keys
 from fedfactory.modules.refusal import ModuleError
 from fedfactory.report import ReportError

@@ -44,7 +44,7 @@ def test_no_module_imports_an_upper_layer(path):
 
 
 def test_federation_never_imports_flower_and_report_no_federation():
-    for path in (PACKAGE / "federation").glob("*.py"):
+    for path in (PACKAGE / "federation").rglob("*.py"):
         assert not any(m.startswith("fedfactory.flower") for m in imported_modules(path)), path.name
     assert not any(m.startswith(("fedfactory.federation", "fedfactory.flower"))
                    for m in imported_modules(PACKAGE / "report.py"))

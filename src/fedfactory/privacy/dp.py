@@ -169,7 +169,7 @@ def secret_generator() -> torch.Generator:
     Every other seed here derives from run.seed, which the run config shares with the server and every site:
     noise seeded that way could be regenerated and subtracted, and the guarantee would be void. The price: a
     private module is not bit-reproducible, so exact unlearning's --verify reuses the kept private modules
-    instead of retraining them (federation/unlearning.py).
+    instead of retraining them (federation/unlearning/verify.py).
     """
     return torch.Generator().manual_seed(secrets.randbits(63))
 
