@@ -28,10 +28,9 @@ from matplotlib.image import imsave
 from fedfactory import __version__
 from fedfactory.config import Config, load_config
 from fedfactory.data.datasets import load_data
-from fedfactory.data.partition import implied_cells
 from fedfactory.errors import FedFactoryError
 from fedfactory.generative.train import sample_module
-from fedfactory.modules.ids import module_id
+from fedfactory.modules.ids import implied_modules, module_id
 from fedfactory.modules.refusal import ModuleError
 from fedfactory.registry import load_registry_file
 from fedfactory.runs import atomic_write_bytes, atomic_write_text
@@ -112,7 +111,7 @@ def expected_modules(partition: dict, min_samples: int = 1) -> list[str]:
     """Module ids the partition implies: one per (client, class) cell with at least min_samples real images."""
     # A deployment's partition.json names its sites (module ids carry the site name); a simulation's numbers them.
     clients = partition.get("sites") or list(range(len(partition["histogram"])))
-    return [module_id(clients[k], c) for k, c in implied_cells(partition["histogram"], min_samples)]
+    return list(implied_modules(partition["histogram"], clients, min_samples))
 
 
 # HTML and figure helpers.

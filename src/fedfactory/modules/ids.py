@@ -4,7 +4,9 @@ The one place the id format is written; everything that builds, checks or splits
 """
 
 import re
+from collections.abc import Sequence
 
+from fedfactory.data.partition import implied_cells
 from fedfactory.modules.refusal import is_int, show
 
 # [0-9] rather than \d: \d also matches non-ASCII digits, which would smuggle odd names into paths.
@@ -64,3 +66,10 @@ def module_filename(mid: str) -> str:
     if not is_module_id(mid):
         raise ValueError(f"module id must look like 'client-003_class-007' or 'hospital-a_class-007', got {show(mid)}")
     return mid + ".safetensors"
+
+
+def implied_modules(histogram, clients: Sequence[int | str], min_samples: int = 1) -> dict[str, int]:
+    """Module id -> real images, for every module a class histogram implies (data.partition.implied_cells), row k
+    being clients[k]: a partition index, or a deployment's site name. The one list the runner, the Flower server,
+    unlearning and the report expect."""
+    return {module_id(clients[k], c): n for (k, c), n in implied_cells(histogram, min_samples).items()}

@@ -14,9 +14,9 @@ import numpy as np
 
 from fedfactory.config import Config, apply, config_hash, load_config
 from fedfactory.data.images import ImageDataset
-from fedfactory.data.partition import class_histogram, implied_cells
+from fedfactory.data.partition import class_histogram
 from fedfactory.errors import FedFactoryError
-from fedfactory.modules.ids import client_name, client_of, module_filename, module_id
+from fedfactory.modules.ids import client_name, client_of, implied_modules, module_filename
 
 log = logging.getLogger("fedfactory")
 
@@ -148,8 +148,7 @@ def check_registry_matches(manifests: dict[str, dict], hist: np.ndarray, min_sam
     real images, unless the release check withheld it. `clients` names the histogram's rows (a deployment's sites);
     default 0, 1, ..."""
     clients = clients or list(range(len(hist)))
-    held = {module_id(clients[k], c): n for (k, c), n in implied_cells(hist, min_samples).items()
-            if module_id(clients[k], c) not in withheld}
+    held = {mid: n for mid, n in implied_modules(hist, clients, min_samples).items() if mid not in withheld}
     declared = {mid: m["num_samples"] for mid, m in manifests.items()}
     if held != declared:
         diff = sorted(set(held.items()) ^ set(declared.items()))[:3]
