@@ -38,19 +38,12 @@ from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.data.folders import read_class_folders, write_class_folders  # noqa: E402
 from fedfactory.data.images import DatasetError  # noqa: E402
 from fedfactory.federation.factory import combine_experts, product_of_experts  # noqa: E402
-from fedfactory.federation.intake import counts_limit, load_pins  # noqa: E402
+from fedfactory.federation.intake import ReplyError, Roster, counts_limit, load_pins  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_partition, node_site, node_threads, site_data  # noqa: E402
 from fedfactory.flower.run_config import parse_run_config  # noqa: E402
-from fedfactory.flower.server_app import (  # noqa: E402
-    ReplyError,
-    collect_sites,
-    expert_modules,
-    serve,
-    serve_sites,
-    site_counts,
-)
+from fedfactory.flower.server_app import collect, expert_modules, serve, site_counts  # noqa: E402
 from fedfactory.flower.wire import CLIENT, COUNTS, MODULES, counts_content, task_content  # noqa: E402
 from fedfactory.metrics import MAX_TEST_IMAGES, evaluate, score_counts  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402
@@ -132,6 +125,11 @@ def as_reply(content: RecordDict, node_id: int):
     return make_message(metadata=md, content=content)
 
 
+def site_roster(cfg, pins=None) -> Roster:
+    """What a deployment's server knows before the round: the class list and the pins, no counts."""
+    return Roster(config_hash(cfg), class_list(cfg.data.classes), cfg.generator.min_samples, pins=pins)
+
+
 def flat(cfg, flower: str = "") -> dict:
     """What a ClientApp's context.run_config holds for the deployment's run config file (plus `flower` lines)."""
     return flatten_dict(tomllib.loads(to_toml(cfg) + "[flower]\ndeployment = true\n" + flower))
@@ -158,7 +156,7 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
         lying(5, one, classes=["4"], counts=[100]),  # the module was trained on more images than reported
         lying(6, one, site="site-e", classes=["5"], counts=[146]),  # a module of a class it did not report
     ]
-    got = collect_sites(replies, {f"ins-{n}": n for n in (*range(1, 7), 9, 10)}, cfg, class_list(CLASSES), tmp_path)
+    got, _ = collect(replies, {f"ins-{n}": n for n in (*range(1, 7), 9, 10)}, site_roster(cfg), cfg, tmp_path)
     reasons = {e["node_id"]: e["reason"] for e in got.errors}
     assert "outside data.classes" in reasons[1] and "positive integer" in reasons[2]
     assert "site site-b reports 1099511627776 images of class 6, more than the limit" in reasons[9]
@@ -168,14 +166,14 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
     assert "site reported 100" in got.rejected[0]["reason"] and "reported no such class" in got.rejected[1]["reason"]
     assert list(tmp_path.iterdir()) == []
     # A second node claiming a site that already answered is refused, not merged.
-    got = collect_sites([as_reply(good, 7), as_reply(good, 8)], {"ins-7": 7, "ins-8": 8}, cfg, class_list(CLASSES),
-                        tmp_path)
+    got, _ = collect([as_reply(good, 7), as_reply(good, 8)], {"ins-7": 7, "ins-8": 8}, site_roster(cfg), cfg,
+                     tmp_path)
     assert "already answered from node 7" in got.errors[0]["reason"]
     # Only the honest reply's modules were written, under the site's name.
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"site-b_class-00{c}.safetensors"
                                                                       for c in (4, 5, 6)]
-    assert got.counts == {"site-b": {"4": 145, "5": 146, "6": 145}}
-    assert got.claims["site-b"].test_images == 108  # declared in the train reply, before any scoring
+    assert {k: s.counts for k, s in got.senders.items()} == {"site-b": {"4": 145, "5": 146, "6": 145}}
+    assert got.senders["site-b"].test_images == 108  # declared in the train reply, before any scoring
     # With a pin file, only the pinned node speaks for site-b: the same reply from node 7 is refused and writes
     # nothing; a pinned reply that resends a module with other bytes sets the kept one aside.
     pins = tmp_path / "pins" / "federation.toml"
@@ -183,11 +181,11 @@ def test_the_server_checks_what_a_site_claims(sites, tmp_path):
     pins.write_text('[[site]]\nname = "site-b"\nnode_id = 8\nmax_test_images = 200\n')
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    got = collect_sites([as_reply(good, 7)], {"ins-7": 7}, cfg, class_list(CLASSES), fresh, load_pins(pins))
+    got, _ = collect([as_reply(good, 7)], {"ins-7": 7}, site_roster(cfg, load_pins(pins)), cfg, fresh)
     assert "site site-b is pinned to node 8" in got.errors[0]["reason"] and list(fresh.iterdir()) == []
     (tmp_path / "site-b_class-004.safetensors").write_bytes(modules["site-b_class-005"].data)  # other bytes
-    got = collect_sites([as_reply(good, 8)], {"ins-8": 8}, cfg, class_list(CLASSES), tmp_path, load_pins(pins))
-    assert got.errors == [] and got.set_aside == [f"stale/site-b_class-004.{stale_digest(tmp_path)}.safetensors"]
+    got, moved = collect([as_reply(good, 8)], {"ins-8": 8}, site_roster(cfg, load_pins(pins)), cfg, tmp_path)
+    assert got.errors == () and moved == [f"stale/site-b_class-004.{stale_digest(tmp_path)}.safetensors"]
 
 
 def stale_digest(modules_dir: Path) -> str:
@@ -288,7 +286,7 @@ def test_a_site_is_told_how_to_fix_its_node_config(sites, tmp_path):
     # The server of a deployment holds no data: a centralized reference is refused before anything starts.
     central = load_config("tiny", ["data.dataset=imagefolder", f"data.classes={CLASSES}"])
     with pytest.raises(ConfigError, match="reference.centralized=true pools"):
-        serve_sites(None, central, parse_run_config({"flower.deployment": True})[1])
+        serve(None, central, parse_run_config({"flower.deployment": True})[1])
     assert not (tmp_path / "out").exists()
 
 
@@ -384,7 +382,7 @@ class InProcessGrid:
 
 def serve_in_process(sites: Path, out: Path, monkeypatch, *overrides: str,
                      names: tuple[str, ...] = tuple(SITES), flower: str = "") -> dict:
-    """serve_sites over an InProcessGrid of the healthy sites (all three by default)."""
+    """serve over an InProcessGrid of the healthy sites (all three by default)."""
     cfg = load_config("tiny", ["run.threads=1", "data.dataset=imagefolder", f"data.classes={CLASSES}",
                                f"data.num_clients={len(names)}", "reference.centralized=false", f"run.out={out}",
                                *overrides])
@@ -394,7 +392,7 @@ def serve_in_process(sites: Path, out: Path, monkeypatch, *overrides: str,
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    return serve_sites(InProcessGrid(sites, list(names), run_config), cfg, fl)
+    return serve(InProcessGrid(sites, list(names), run_config), cfg, fl)
 
 
 def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_path, monkeypatch, caplog,

@@ -22,11 +22,12 @@ from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args  # no
 from fedfactory.config import ConfigError, config_hash, load_config, to_toml  # noqa: E402
 from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.data.partition import class_histogram, split_clients  # noqa: E402
+from fedfactory.federation.intake import Roster  # noqa: E402
 from fedfactory.federation.runner import run  # noqa: E402
 from fedfactory.flower import loopback, wire  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.run_config import FlowerConfig, default_run_config, parse_run_config  # noqa: E402
-from fedfactory.flower.server_app import collect, exchange, expected_modules, serve  # noqa: E402
+from fedfactory.flower.server_app import collect, exchange, serve  # noqa: E402
 from fedfactory.flower.wire import CLIENT, MODULE_STYPE, MODULES, task_content  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -95,14 +96,16 @@ def client_replies(reference):
     return replies
 
 
-def expected_for(cfg):
-    train, _ = load_data(cfg.data)
-    return expected_modules(train, split_clients(cfg.data, cfg.run.seed, train), cfg.generator.min_samples)
-
-
 def histogram_for(cfg):
     train, _ = load_data(cfg.data)
     return class_histogram(train.labels, split_clients(cfg.data, cfg.run.seed, train), train.num_classes)
+
+
+def roster_for(cfg, histogram=None):
+    """What a simulation's server knows before the round: the partition (by default the run's own)."""
+    train, _ = load_data(cfg.data)
+    histogram = histogram_for(cfg) if histogram is None else histogram
+    return Roster(config_hash(cfg), train.class_names, cfg.generator.min_samples, histogram=histogram)
 
 
 def test_pyproject_declares_every_config_key_with_its_default():
@@ -133,17 +136,17 @@ def test_run_config_maps_dotted_keys_and_preset_files_onto_the_config():
 
 def test_client_replies_carry_the_runners_module_bytes(reference, client_replies, tmp_path):
     cfg, out = reference
-    got = collect(client_replies, {f"ins-{100 + k}": 100 + k for k in range(3)}, cfg, expected_for(cfg), tmp_path,
-                  histogram_for(cfg))
-    assert got.errors == [] and got.rejected == []
+    got, moved = collect(client_replies, {f"ins-{100 + k}": 100 + k for k in range(3)}, roster_for(cfg), cfg,
+                         tmp_path)
+    assert got.errors == () and got.rejected == () and moved == []
     assert sorted(got.accepted) == [0, 1, 2]
     ref = module_hashes(out)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()} == ref
     for k, r in enumerate(client_replies):
         array = r.content.array_records[MODULES]
         assert all(a.stype == MODULE_STYPE for a in array.values())
-        assert got.module_bytes[k] == sum(len(a.data) for a in array.values())
-        assert got.wire_bytes[k] > got.module_bytes[k]
+        assert got.senders[k].module_bytes == sum(len(a.data) for a in array.values())
+        assert got.senders[k].wire_bytes > got.senders[k].module_bytes
 
 
 def test_server_rejects_bad_replies_and_writes_nothing_from_them(reference, client_replies, tmp_path, monkeypatch):
@@ -169,7 +172,7 @@ def test_server_rejects_bad_replies_and_writes_nothing_from_them(reference, clie
         reply(4, content({}, **{"client-id": 1, "config-hash": "0" * 64})),  # ran another config
         reply(5, content({}, **{"client-id": 7})),  # no such client
     ]
-    got = collect(replies, {f"ins-{n}": n for n in range(1, 6)}, cfg, expected_for(cfg), tmp_path, histogram_for(cfg))
+    got, _ = collect(replies, {f"ins-{n}": n for n in range(1, 6)}, roster_for(cfg), cfg, tmp_path)
     assert list(tmp_path.iterdir()) == []
     assert [r["node_id"] for r in got.rejected] == [1, 3]
     assert "hash" in got.rejected[0]["reason"] and "holds no such class" in got.rejected[1]["reason"]
@@ -177,24 +180,22 @@ def test_server_rejects_bad_replies_and_writes_nothing_from_them(reference, clie
     assert [(e["node_id"], e["reason"][:12]) for e in got.errors] == [
         (2, "boom"), (3, "release reco"), (4, "client 1 ran"), (5, "client-id 7 ")]
     # A second node answering for a client that already answered is refused, not merged.
-    twice = collect([reply(6, good), reply(7, good)], {"ins-6": 6, "ins-7": 7}, cfg, expected_for(cfg), tmp_path,
-                    histogram_for(cfg))
+    twice, _ = collect([reply(6, good), reply(7, good)], {"ins-6": 6, "ins-7": 7}, roster_for(cfg), cfg, tmp_path)
     assert sorted(twice.accepted) == [0] and "already answered from node 6" in twice.errors[0]["reason"]
     # A payload that is not a module file never reaches the parser.
-    wrong = collect([reply(8, content({mid: array(b"\x80\x04junk", "numpy.ndarray")}))], {"ins-8": 8}, cfg,
-                    expected_for(cfg), tmp_path, histogram_for(cfg))
+    wrong, _ = collect([reply(8, content({mid: array(b"\x80\x04junk", "numpy.ndarray")}))], {"ins-8": 8},
+                       roster_for(cfg), cfg, tmp_path)
     assert "not 'fedfactory.safetensors'" in wrong.rejected[0]["reason"]
     # Nor does one over the module size limit (lowered here to stay small), whatever it holds.
     monkeypatch.setattr(wire, "MAX_FILE_BYTES", len(data) - 1)
-    huge = collect([reply(9, content({mid: array(bytes(data))}))], {"ins-9": 9}, cfg, expected_for(cfg), tmp_path,
-                   histogram_for(cfg))
+    huge, _ = collect([reply(9, content({mid: array(bytes(data))}))], {"ins-9": 9}, roster_for(cfg), cfg, tmp_path)
     assert f"payload of {len(data)} bytes is over the limit of {len(data) - 1}" in huge.rejected[0]["reason"]
     monkeypatch.undo()
     # A module whose num_samples is not its cell's count in the partition is refused (a simulation knows the cells).
     histogram = histogram_for(cfg)
     histogram[0] += 1
     (tmp_path / "off").mkdir()
-    off = collect([reply(10, good)], {"ins-10": 10}, cfg, expected_for(cfg), tmp_path / "off", histogram)
+    off, _ = collect([reply(10, good)], {"ins-10": 10}, roster_for(cfg, histogram), cfg, tmp_path / "off")
     assert len(off.rejected) == len(good.array_records[MODULES]) and list((tmp_path / "off").iterdir()) == []
     assert re.search(r"trained on (\d+) images, the partition holds (?!\1)\d+", off.rejected[0]["reason"])
     with pytest.raises(ConfigError, match="flower.pins binds deployment sites"):

@@ -91,6 +91,7 @@ def test_a_flower_client_never_sends_a_withheld_module_and_the_server_records_it
     from flwr.app.message import make_message
 
     from fedfactory.config import config_hash
+    from fedfactory.federation.intake import Roster
     from fedfactory.federation.runner import read_release, record_release
     from fedfactory.flower.client_app import train_modules
     from fedfactory.flower.server_app import collect
@@ -107,13 +108,12 @@ def test_a_flower_client_never_sends_a_withheld_module_and_the_server_records_it
     histogram = np.zeros((1, 10), np.int64)
     histogram[0, 0], histogram[0, 2] = 1, 140
     (tmp_path / "modules").mkdir()
-    got = collect([reply], {"ins-1": 1}, cfg, {0: ["client-000_class-000", "client-000_class-002"]},
-                  tmp_path / "modules", histogram)
+    roster = Roster(config_hash(cfg), data.class_names, cfg.generator.min_samples, histogram=histogram)
+    got, _ = collect([reply], {"ins-1": 1}, roster, cfg, tmp_path / "modules")
     assert got.accepted[0] == ["client-000_class-002"] and not got.errors
     record_release(tmp_path, list(got.release.values()))
     assert read_release(tmp_path)["client-000_class-000"]["released"] is False
     # A record for a module the client does not hold is refused, with the reason.
     forged = reply_content(0, config_hash(cfg), modules, 1.0, [release[0] | {"module_id": "client-000_class-005"}])
-    got = collect([make_message(metadata=md, content=forged)], {"ins-1": 1}, cfg,
-                  {0: ["client-000_class-000", "client-000_class-002"]}, tmp_path / "modules", histogram)
+    got, _ = collect([make_message(metadata=md, content=forged)], {"ins-1": 1}, roster, cfg, tmp_path / "modules")
     assert "release records refused" in got.errors[0]["reason"] and not got.release

@@ -1,23 +1,33 @@
-"""What the server accepts from a site, and why: pure functions over plain values, so the rules are tested without
-the transport (tests/test_intake.py plays the dishonest site).
+"""What the server accepts from the clients and sites, and why: pure functions over plain records, so the rules are
+tested without the transport (tests/test_intake.py plays the dishonest site).
 
-A site's name, its images per class and its test images are claims. Without a pin file they are trusted as
-reported, within MAX_SITE_IMAGES; with one (flower.pins, `load_pins`), each site's name is bound to the SuperNode id
-the SuperLink authenticated, and its counts to the operator's ceilings. The server_app does the round trips and
-calls these functions; the in-process runner calls `partition_mismatches`.
+flower/wire.py decodes each reply into one of the frozen records below (TrainReply, ExpertReply, CountsReply); the
+functions here decide from those records alone which replies, counts and modules are accepted, and which kept modules
+a round leaves stale. The server_app does the round trips and the file writes. A site's name, its images per class
+and its test images are claims. Without a pin file they are trusted as reported, within MAX_SITE_IMAGES; with one
+(flower.pins, `load_pins`), each site's name is bound to the SuperNode id the SuperLink authenticated, and its counts
+to the operator's ceilings. The in-process runner calls `partition_mismatches` and `reusable_modules`.
 """
 
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load
 
-from fedfactory.config import ConfigError
+from fedfactory.classifier import classifier_from_state
+from fedfactory.config import Config, ConfigError
 from fedfactory.data.partition import implied_cells
 from fedfactory.errors import FedFactoryError
+from fedfactory.federation.factory import trained_as_asked
 from fedfactory.metrics import NUM_BINS, check_counts
-from fedfactory.modules.ids import is_site_name, module_id
+from fedfactory.modules.files import module_from_bytes
+from fedfactory.modules.ids import implied_modules, is_site_name, module_id
+from fedfactory.modules.refusal import ModuleError
+from fedfactory.registry import module_spec
 
 # A site's images of one class or of its test set, as it reports them: far beyond any real site, and small enough
 # that sums of counts (class histograms, mixture weights, confusion matrices) stay exact in int64.
@@ -31,8 +41,12 @@ PIN_FIX = ("write one [[site]] table per site with name = \"hospital-a\", node_i
            "shows for its registered key>, optional max_images_per_class and max_test_images (positive integers)")
 
 
-class ClaimError(FedFactoryError, ValueError):
-    """A site's reply claims what the server does not accept; none of it is used."""
+class ReplyError(FedFactoryError, ValueError):
+    """A reply the server does not use (malformed, an error, or from no sender of this round); the reason is kept."""
+
+
+class ClaimError(ReplyError):
+    """A reply claims what the server does not accept; none of it is used."""
 
 
 class PinError(ConfigError):
@@ -59,13 +73,140 @@ class Pins:
 
 
 @dataclass(frozen=True)
-class SiteClaim:
-    """A deployment site's train reply, accepted: its images per class id, its test images, or the error it sent."""
+class Payload:
+    """One module of a reply as it arrived: its id and file bytes, or why they are no module payload (then the bytes
+    are never parsed)."""
+
+    module_id: str
+    data: bytes = b""
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A train reply, decoded (flower.wire.parse_train_reply) but not yet believed: who it says it is, under which
+    config, and what it sends.
+
+    A simulation client names its client id; a deployment site its name, its images per class (classes[i] has
+    counts[i]) and the test images it will score, or instead the error that kept it from training.
+    """
+
+    sender: int | str
+    config_hash: str
+    modules: tuple[Payload, ...] = ()
+    train_seconds: float = 0.0
+    classes: tuple[str, ...] = ()
+    counts: tuple[int, ...] = ()
+    test_images: int = 0
+    error: str | None = None
+    release: object = None  # the release check's records as decoded JSON (release_records checks them)
+    release_problem: str | None = None  # why the release entry did not decode
+
+
+@dataclass(frozen=True)
+class ExpertReply:
+    """Local mode's second-round reply, decoded: the site's expert by name (classifier safetensors bytes), or the
+    error that kept the site from training it."""
 
     site: str
-    counts: dict[int, int]  # class id -> images
-    test_images: int
+    config_hash: str
+    weights: dict[str, bytes]
+    train_seconds: float = 0.0
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class CountsReply:
+    """An evaluate reply, decoded: the site and its counts (metrics.score_counts: name -> array), nothing per image."""
+
+    site: str
+    config_hash: str
+    counts: dict[str, np.ndarray]
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A train reply as the transport delivered it: its node, its size on the wire, and its decoded content or why
+    there is none (the node's error, no reply in time, a malformed reply)."""
+
+    node_id: int
+    reply: TrainReply | None = None
+    wire_bytes: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Roster:
+    """Who may answer a train round, and where the modules the server expects come from: a simulation's partition
+    (a row of class counts per client id, known before the round), or a deployment's class list and pin file, each
+    site's counts arriving with its claim."""
+
+    config_hash: str
+    classes: tuple[str, ...]
+    min_samples: int  # generator.min_samples: a cell with fewer images implies no module
+    histogram: np.ndarray | None = None  # simulation: (clients, classes) images of the partition
+    pins: Pins | None = None  # deployment: the operator's pin file, None when names are trusted
+
+    @property
+    def simulation(self) -> bool:
+        return self.histogram is not None
+
+    def cells(self, sender: int | str, counts: Mapping[int, int]) -> dict[str, int]:
+        """Module id -> images, for every module a sender holding `counts` (class id -> images) should send."""
+        row = np.zeros((1, len(self.classes)), dtype=np.int64)
+        row[0, list(counts)] = list(counts.values())
+        return implied_modules(row, [sender], self.min_samples)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A train reply's sender, accepted: its images per class id and its test images, or the error a site sent."""
+
+    sender: int | str  # a client id (simulation) or a site name (deployment)
+    counts: dict[int, int]  # class id -> images
+    test_images: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Sender:
+    """A client or site whose train reply was accepted, and what the server took from it."""
+
+    name: int | str  # the client id, or the site name
+    node_id: int
+    counts: dict[str, int]  # class name -> its real images (the partition's row, or the site's claim)
+    cells: dict[str, int]  # module id -> images, for every module those counts imply
+    modules: dict[str, bytes]  # module id -> file bytes, for every module accepted from it
+    wire_bytes: int  # of its reply message
+    train_seconds: float  # as it reported
+    test_images: int = 0  # a site's test images, declared before any scoring
+
+    @property
+    def module_bytes(self) -> int:
+        return sum(map(len, self.modules.values()))
+
+
+@dataclass(frozen=True)
+class TrainIntake:
+    """A train round, decided (accept_train): the accepted senders in the order they answered, the replies refused
+    (node and reason), the modules refused (node, sender, module id, reason), the sites that answered with their own
+    error, and the release-check records accepted (module id -> record)."""
+
+    senders: dict[int | str, Sender]
+    errors: tuple[dict, ...] = ()
+    rejected: tuple[dict, ...] = ()
+    site_errors: dict[str, str] = field(default_factory=dict)
+    release: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> dict[int | str, list[str]]:
+        """Sender -> the module ids accepted from it."""
+        return {k: list(s.modules) for k, s in self.senders.items()}
+
+    @property
+    def node_of(self) -> dict[int | str, int]:
+        return {k: s.node_id for k, s in self.senders.items()}
 
 
 @dataclass(frozen=True)
@@ -136,25 +277,25 @@ def check_identity(site: str, node_id: int, pins: Pins | None) -> Pin | None:
     return pin
 
 
-def check_site_claim(info: dict, node_id: int, *, config_hash: str, classes: tuple[str, ...],
-                     answered: dict[str, int], pins: Pins | None = None) -> SiteClaim:
-    """A deployment site's train reply (its ConfigRecord as a dict), checked against the run and the pins.
+def check_site_claim(reply: TrainReply, node_id: int, *, config_hash: str, classes: tuple[str, ...],
+                     answered: Mapping[str, int | None], pins: Pins | None = None) -> Claim:
+    """A deployment site's train reply, checked against the run and the pins.
 
     `answered`: site -> node of the sites already accepted (or failed) in this round.
     """
-    site = info.get("site")
+    site = reply.sender
     if not is_site_name(site):
         raise ClaimError(f"site {str(site)[:40]!r} is not a site name (lowercase letters, digits, dashes)")
     pin = check_identity(site, node_id, pins)
     if site in answered:
         raise ClaimError(f"site {site} already answered from node {answered[site]}; two SuperNodes share a site "
                          "name: give every SuperNode its own --node-config site")
-    if info.get("config-hash") != config_hash:
-        raise ClaimError(f"site {site} ran with a different config (hash {str(info.get('config-hash'))[:12]})")
-    if isinstance(info.get("error"), str):
-        return SiteClaim(site, {}, 0, info["error"][:MAX_ERROR_CHARS])
-    names, counts = info.get("classes"), info.get("counts")
-    if not isinstance(names, list) or not isinstance(counts, list) or len(names) != len(counts) or not names:
+    if reply.config_hash != config_hash:
+        raise ClaimError(f"site {site} ran with a different config (hash {str(reply.config_hash)[:12]})")
+    if reply.error is not None:
+        return Claim(site, {}, 0, reply.error[:MAX_ERROR_CHARS])
+    names, counts = list(reply.classes), list(reply.counts)
+    if len(names) != len(counts) or not names:
         raise ClaimError(f"site {site} sent no class counts (classes and counts must be equal-length lists)")
     unknown = [str(n)[:40] for n in names if n not in classes]
     if unknown:
@@ -169,7 +310,7 @@ def check_site_claim(info: dict, node_id: int, *, config_hash: str, classes: tup
         where = f"its pinned max_images_per_class in {pins.path}" if ceiling != MAX_SITE_IMAGES else "the limit"
         raise ClaimError(f"site {site} reports {max(counts)} images of class {cls}, more than {where} ({ceiling}); "
                          "its counts weight the synthesis mixture, so they are bounded")
-    test = info.get("test-images", 0)
+    test = reply.test_images
     test_ceiling = pin.max_test_images if pin and pin.max_test_images else MAX_SITE_IMAGES
     if type(test) is not int or test < 0:
         raise ClaimError(f"site {site} declares test-images={str(test)[:20]}: expected a non-negative integer")
@@ -177,19 +318,138 @@ def check_site_claim(info: dict, node_id: int, *, config_hash: str, classes: tup
         where = f"its pinned max_test_images in {pins.path}" if test_ceiling != MAX_SITE_IMAGES else "the limit"
         raise ClaimError(f"site {site} declares {test} test images, more than {where} ({test_ceiling}); its "
                          "evaluation counts add to the pooled metrics, so they are bounded")
-    return SiteClaim(site, {classes.index(n): c for n, c in zip(names, counts, strict=True)}, test)
+    return Claim(site, {classes.index(n): c for n, c in zip(names, counts, strict=True)}, test)
 
 
-def check_client_claim(info: dict, *, num_clients: int, config_hash: str, answered: dict[int, int]) -> int:
+def check_client_claim(reply: TrainReply, *, num_clients: int, config_hash: str,
+                       answered: Mapping[int, int]) -> int:
     """A simulation client's train reply: the client id it answers for, first for that client, same config."""
-    k = info.get("client-id")
+    k = reply.sender
     if type(k) is not int or not 0 <= k < num_clients:
-        raise ClaimError(f"client-id {k!r} is not a client of this run (0..{num_clients - 1})")
+        what = f"site {str(k)[:40]!r}" if isinstance(k, str) else f"client-id {k!r}"
+        raise ClaimError(f"{what} is not a client of this run (0..{num_clients - 1})")
     if k in answered:
         raise ClaimError(f"client {k} already answered from node {answered[k]}; two SuperNodes share a partition-id")
-    if info.get("config-hash") != config_hash:
-        raise ClaimError(f"client {k} ran with a different config (hash {str(info.get('config-hash'))[:12]})")
+    if reply.config_hash != config_hash:
+        raise ClaimError(f"client {k} ran with a different config (hash {str(reply.config_hash)[:12]})")
     return k
+
+
+def check_claim(reply: TrainReply, node_id: int, roster: Roster, answered: Mapping) -> Claim:
+    """Who a train reply is from and what it holds: a client of the partition, whose counts are the partition's row
+    (simulation), or a site checked against the class list and the pins, whose counts are its claim (deployment)."""
+    if roster.simulation:
+        k = check_client_claim(reply, num_clients=len(roster.histogram), config_hash=roster.config_hash,
+                               answered=answered)
+        return Claim(k, {c: int(n) for c, n in enumerate(roster.histogram[k]) if n})
+    return check_site_claim(reply, node_id, config_hash=roster.config_hash, classes=roster.classes,
+                            answered=answered, pins=roster.pins)
+
+
+def check_module(payload: Payload, cells: Mapping[str, int], cfg: Config, source: str, whose: str,
+                 unexpected: str) -> dict:
+    """The manifest of a module its sender may send (`cells`: module id -> images of the sender's cells), validated
+    as the registry's loader validates a file and trained as the run asks; ModuleError naming the reason otherwise.
+    `whose` names where the cell counts come from, `unexpected` why a module id outside `cells` is refused."""
+    # Only ids the server expects from this sender: this also keeps any path out of file names.
+    if payload.module_id not in cells:
+        raise ModuleError(f"{source}: {unexpected}")
+    if payload.problem is not None:
+        raise ModuleError(f"{source}: {payload.problem}")
+    manifest, _ = module_from_bytes(payload.data, source, expected=module_spec)
+    if manifest["module_id"] != payload.module_id:
+        raise ModuleError(f"{source}: its manifest says {manifest['module_id']}")
+    if reason := module_count_reason(manifest, cells[payload.module_id], whose):
+        raise ModuleError(f"{source}: {reason}")
+    if reason := trained_as_asked(manifest, cfg):
+        raise ModuleError(f"{source}: {reason}")
+    return manifest
+
+
+def accept_train(arrivals: Iterable[Arrival], roster: Roster, cfg: Config) -> TrainIntake:
+    """Decide a train round: each reply's sender against the roster (the first answer per sender only), its release
+    records, and every module it sends against the cells its counts imply. Nothing is written here."""
+    senders: dict[int | str, Sender] = {}
+    errors, rejected, site_errors, release = [], [], {}, {}
+    whose = "the partition holds" if roster.simulation else "the site reported"
+    for a in arrivals:
+        if a.reply is None:
+            errors.append({"node_id": a.node_id, "reason": a.error})
+            continue
+        answered = {k: s.node_id for k, s in senders.items()} | {s: None for s in site_errors}
+        try:
+            claim = check_claim(a.reply, a.node_id, roster, answered)
+        except ClaimError as e:
+            errors.append({"node_id": a.node_id, "reason": str(e)})
+            continue
+        k = claim.sender
+        if claim.error is not None:
+            site_errors[k] = claim.error  # the site's own text, for the log and metrics.json
+            errors.append({"node_id": a.node_id, "reason": f"site {k} failed: {claim.error}"})
+            continue
+        cells = roster.cells(k, claim.counts)
+        try:
+            if a.reply.release_problem is not None:
+                raise ClaimError(a.reply.release_problem)
+            release |= release_records(a.reply.release, list(cells), f"client {k}" if roster.simulation else
+                                       f"site {k}")
+        except ClaimError as e:
+            errors.append({"node_id": a.node_id, "reason": f"release records refused: {e}"})
+        unexpected = (f"client {k} holds no such class in this run's partition" if roster.simulation else
+                      f"site {k} reported no such class")
+        modules = {}
+        for payload in a.reply.modules:
+            source = f"node {a.node_id} client {k} module {payload.module_id[:40]!r}"
+            try:
+                check_module(payload, cells, cfg, source, whose, unexpected)
+            except ModuleError as e:
+                rejected.append({"node_id": a.node_id, "client_id": k, "module_id": payload.module_id[:40],
+                                 "reason": str(e)})
+                continue
+            modules[payload.module_id] = payload.data
+        counts = {roster.classes[c]: n for c, n in sorted(claim.counts.items())}
+        senders[k] = Sender(k, a.node_id, counts, cells, modules, a.wire_bytes, a.reply.train_seconds,
+                            claim.test_images)
+    return TrainIntake(senders, tuple(errors), tuple(rejected), site_errors, release)
+
+
+def expected_modules(roster: Roster, intake: TrainIntake) -> dict[int | str, list[str]]:
+    """Sender -> the module ids the server expected of it: every client of the partition (simulation, known before
+    the round), every site that answered (deployment, from its counts)."""
+    if roster.simulation:
+        return {k: list(roster.cells(k, dict(enumerate(row.tolist())))) for k, row in enumerate(roster.histogram)}
+    return {k: list(s.cells) for k, s in intake.senders.items()}
+
+
+def reusable_modules(kept: Mapping[str, int], cells: Mapping[str, int]) -> list[str]:
+    """The kept modules (module id -> images it was trained on) that a holder may skip: the module of a cell it holds
+    now (cells: module id -> images), trained on exactly as many images. Its other kept modules are stale."""
+    return [mid for mid, n in cells.items() if kept.get(mid) == n]
+
+
+def check_expert(reply: ExpertReply, site: str, channels: int, num_classes: int, classifier_cfg,
+                 input_blur: float) -> bytes:
+    """The expert weights of a site's second-round reply, after checking the reply is the site's and the weights
+    load, without unpickling, into the run's classifier exactly; ClaimError otherwise."""
+    if reply.site != site:
+        raise ClaimError(f"reply is not from site {site}")
+    if reply.error is not None:
+        raise ClaimError(reply.error[:MAX_ERROR_CHARS])
+    if list(reply.weights) != [site]:
+        raise ClaimError(f"expected one expert named {site}, got {sorted(reply.weights)[:3]}")
+    try:
+        classifier_from_state(load(reply.weights[site]), channels, num_classes, classifier_cfg, input_blur)
+    except (ValueError, SafetensorError, FedFactoryError) as e:
+        raise ClaimError(str(e)) from None
+    return reply.weights[site]
+
+
+def check_counts_reply(reply: CountsReply, site: str, num_classes: int, declared: int,
+                       pin: Pin | None = None) -> dict[str, np.ndarray]:
+    """The counts of a site's evaluate reply, after checking the reply is the site's (check_scored for the rest)."""
+    if reply.site != site:
+        raise ClaimError(f"evaluate reply is not from site {site}")
+    return check_scored(reply.counts, num_classes, site, declared, pin)
 
 
 def check_scored(counts: dict, num_classes: int, site: str, declared: int, pin: Pin | None = None) -> dict:
@@ -209,9 +469,14 @@ def check_scored(counts: dict, num_classes: int, site: str, declared: int, pin: 
     return counts
 
 
-def oversized(nbytes: int, limit: int, source: str) -> str | None:
+def too_large(nbytes: int, limit: int) -> str | None:
     """Why a payload of nbytes is refused before it is decoded, or None."""
-    return f"{source}: payload of {nbytes} bytes is over the limit of {limit} bytes" if nbytes > limit else None
+    return f"payload of {nbytes} bytes is over the limit of {limit} bytes" if nbytes > limit else None
+
+
+def oversized(nbytes: int, limit: int, source: str) -> str | None:
+    """too_large, naming the payload's source."""
+    return f"{source}: {reason}" if (reason := too_large(nbytes, limit)) else None
 
 
 def counts_limit(num_classes: int, num_bins: int = NUM_BINS) -> int:
@@ -239,21 +504,18 @@ def partition_mismatches(manifests: list[dict], histogram: np.ndarray) -> list[s
     return bad
 
 
-def stale_modules(kept: list[dict], counts: dict[str, dict[str, int]],
-                  expected: dict[str, list[str]]) -> list[Stale]:
-    """Kept modules that an accepted claim no longer backs: the class is gone from the site's report, or it reports
-    a different number of images now. The server sets them aside, never deletes them: without pins the claim is
-    unauthenticated, and with pins only the pinned node's claim is accepted at all (check_site_claim)."""
+def stale_modules(kept: list[dict], senders: Mapping[int | str, Sender]) -> list[Stale]:
+    """Kept modules (manifests) that an accepted claim no longer backs (reusable_modules): the class is gone from the
+    site's report, or it reports a different number of images now. The server sets them aside, never deletes them:
+    without pins the claim is unauthenticated, and with pins only the pinned node's claim is accepted at all
+    (check_site_claim). A site that did not answer makes none of its modules stale."""
     stale = []
     for m in kept:
-        site = m["client_id"]
-        if site not in counts:
-            continue
-        now = counts[site].get(m["class_name"], 0)
-        if m["module_id"] not in expected[site] or now != m["num_samples"]:
-            reason = (f"site {site} now reports {now} images of class {m['class_name']}, the module was trained on "
-                      f"{m['num_samples']}")
-            stale.append(Stale(m["module_id"], site, reason))
+        sender = senders.get(m["client_id"])
+        if sender is not None and not reusable_modules({m["module_id"]: m["num_samples"]}, sender.cells):
+            reason = (f"site {sender.name} now reports {sender.counts.get(m['class_name'], 0)} images of class "
+                      f"{m['class_name']}, the module was trained on {m['num_samples']}")
+            stale.append(Stale(m["module_id"], sender.name, reason))
     return stale
 
 

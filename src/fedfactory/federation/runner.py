@@ -32,9 +32,9 @@ from fedfactory.federation.factory import (
 from fedfactory.federation.intake import (
     class_shares,
     flat_plan,
-    module_count_reason,
     partition_mismatches,
     release_summary,
+    reusable_modules,
     trust_record,
 )
 from fedfactory.federation.plan import ModulePlan, plan_modules
@@ -60,23 +60,21 @@ def write_partition(cfg: Config, train: ImageDataset, parts: list[np.ndarray], o
              format_histogram(hist, train.class_names))
 
 
-def reusable_module(path: Path, cfg: Config, num_samples: int | None = None) -> bool:
-    """A finished module from an earlier attempt is reused only if it validates and was trained as asked (and, given
-    num_samples, on as many images as its cell of the partition holds)."""
-    if not path.exists():
-        return False
-    try:
-        manifest = load_registry_file(path).manifest
-    except ModuleError as e:
-        log.info("retraining %s: %s", path.name, e)
-        return False
-    if reason := trained_as_asked(manifest, cfg):
-        log.info("retraining %s: %s", path.name, reason)
-        return False
-    if num_samples is not None and (reason := module_count_reason(manifest, num_samples, "the partition holds")):
-        log.info("retraining %s: %s", path.name, reason)
-        return False
-    return True
+def kept_modules(modules_dir: Path, cfg: Config) -> dict[str, int]:
+    """Module id -> images trained on, for every finished module of an earlier attempt that validates and was trained
+    as asked; intake.reusable_modules picks the ones a holder may skip (trained on as many images as it holds now)."""
+    kept = {}
+    for path in sorted(Path(modules_dir).glob("*.safetensors")):
+        try:
+            manifest = load_registry_file(path).manifest
+        except ModuleError as e:
+            log.info("retraining %s: %s", path.name, e)
+            continue
+        if reason := trained_as_asked(manifest, cfg):
+            log.info("retraining %s: %s", path.name, reason)
+            continue
+        kept[manifest["module_id"]] = manifest["num_samples"]
+    return kept
 
 
 def check_against_partition(modules: list[Module], train: ImageDataset, parts: list[np.ndarray]) -> list[Module]:
@@ -96,6 +94,17 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
     # before any training is wasted, and training and reuse read the same plan.
     hist = class_histogram(train.labels, parts, train.num_classes)
     plans = plan_modules(cfg, implied_cells(hist, cfg.generator.min_samples))
+    kept = kept_modules(out / "modules", cfg)
+    reusable = set(reusable_modules(kept, {mid: p.num_images for mid, p in plans.items()}))
+
+    def reuse(plan: ModulePlan) -> bool:
+        if plan.module_id in reusable:
+            log.info("reusing %s (hash checked)", module_filename(plan.module_id))
+        elif plan.module_id in kept:
+            log.info("retraining %s: trained on %d images, the partition holds %d", module_filename(plan.module_id),
+                     kept[plan.module_id], plan.num_images)
+        return plan.module_id in reusable
+
     for k, rows in enumerate(parts):
         client = train.subset(rows)
         mine = {mid: p for mid, p in plans.items() if p.client_id == k}
@@ -103,12 +112,6 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
         if few:
             log.info("client %d: no module for %s (fewer than generator.min_samples=%d images)", k,
                      ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
-
-        def reuse(plan: ModulePlan) -> bool:
-            if reusable_module(out / "modules" / module_filename(plan.module_id), cfg, plan.num_images):
-                log.info("reusing %s (hash checked)", module_filename(plan.module_id))
-                return True
-            return False
 
         t0 = time.perf_counter()
         for trained in train_client_modules(client, mine, cfg, device, skip=reuse):

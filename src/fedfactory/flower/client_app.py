@@ -32,15 +32,15 @@ from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import client_plans, held_classes, train_client_modules
 from fedfactory.federation.factory import combine_experts, local_training_set
+from fedfactory.federation.intake import reusable_modules
 from fedfactory.flower.run_config import parse_run_config
 from fedfactory.flower.wire import (
-    CLASSIFIER,
-    MODULES,
-    TASK,
-    classifier_bytes,
+    ExpertTask,
     counts_content,
     expert_reply_content,
     module_bytes,
+    parse_evaluate_task,
+    parse_task,
     reply_content,
     site_error_content,
     site_reply_content,
@@ -145,19 +145,19 @@ def train_modules(data: ImageDataset, client_id: int | str, cfg: Config, device:
     return modules, records
 
 
-def train_expert(msg: Message, site: str, data: ImageDataset, cfg: Config, device: torch.device,
+def train_expert(msg: Message, task: ExpertTask, site: str, data: ImageDataset, cfg: Config, device: torch.device,
                  t0: float) -> Message:
     """Local mode: train this site's expert on its real images plus synthetic ones from the modules the server sent
     (the others', and its own where synthesis.local_synthetic tops up or fills a class it holds)."""
-    modules = [Module(*module_from_bytes(module_bytes(array, f"module {mid[:40]!r} sent to site {site}"),
-                                         f"module {mid[:40]!r} sent to site {site}", expected=module_spec))
-               for mid, array in msg.content.array_records[MODULES].items()]
+    sources = [f"module {p.module_id[:40]!r} sent to site {site}" for p in task.modules]
+    modules = [Module(*module_from_bytes(module_bytes(p, source), source, expected=module_spec))
+               for p, source in zip(task.modules, sources, strict=True)]
     images, labels, plan = local_training_set(data, modules, cfg.synthesis.samples_per_class, cfg.run.seed, device,
                                               cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
     model = train_classifier(images, labels, data.num_classes, cfg.classifier,
                              derive_seed(cfg.run.seed, "classifier", site), device, desc=f"expert {site}",
                              progress=cfg.run.progress,
-                             input_blur=float(msg.content.config_records[TASK].get("input-blur", 0.0)))
+                             input_blur=task.input_blur)
     weights = tensors_to_bytes(model.state_dict())
     seconds = time.perf_counter() - t0
     log.info("fedfactory site %s: expert trained on %d real + %d synthetic images from %d modules in %.1fs", site,
@@ -181,8 +181,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train this node's modules and reply with their bytes."""
     t0 = time.perf_counter()
     cfg, fl = parse_run_config(context.run_config)
-    task = msg.content.config_records[TASK]
-    skip = frozenset(task.get("skip", []))
+    task = parse_task(msg.content)
     device = select_device(cfg.run.device, node_threads(dict(context.node_config), cfg.run.threads))
     if fl.deployment:
         site, root, dataset = node_site(dict(context.node_config))
@@ -190,10 +189,11 @@ def train(msg: Message, context: Context) -> Message:
             data = site_data(cfg, root, dataset, "train")
             held = held_classes(data)
             counts = {data.class_names[c]: n for c, n in held.items()}
-            if task.get("stage") == "expert":
-                return train_expert(msg, site, data, cfg, device, t0)
-            trained_on = dict(zip(task.get("skip", []), task.get("skip-counts", []), strict=False))
-            skip = frozenset(module_id(site, c) for c, n in held.items() if trained_on.get(module_id(site, c)) == n)
+            if isinstance(task, ExpertTask):
+                return train_expert(msg, task, site, data, cfg, device, t0)
+            # A kept module is skipped only where this site still holds as many images of its class.
+            trained_on = dict(zip(task.skip, task.skip_counts or (), strict=False))
+            skip = frozenset(reusable_modules(trained_on, {module_id(site, c): n for c, n in held.items()}))
             modules, release = train_modules(data, site, cfg, device, skip)
         except FedFactoryError as e:
             # The site's own data is at fault: say so under the site's name, so the server can name it.
@@ -206,7 +206,10 @@ def train(msg: Message, context: Context) -> Message:
         return Message(site_reply_content(site, config_hash(cfg), counts, modules, seconds, test_images, release),
                        reply_to=msg)
     k = node_partition(dict(context.node_config), cfg.data.num_clients)
-    modules, release = train_modules(local_data(cfg, k), k, cfg, device, skip)
+    if isinstance(task, ExpertTask):
+        raise ConfigError("expert messages belong to a deployment in local mode (flower.deployment=true)")
+    # The server chose these by the partition's counts, which it holds (intake.reusable_modules).
+    modules, release = train_modules(local_data(cfg, k), k, cfg, device, frozenset(task.skip))
     seconds = time.perf_counter() - t0
     log.info("fedfactory client %d: trained %d modules, %d bytes, in %.1fs", k, len(modules),
              sum(map(len, modules.values())), seconds)
@@ -222,22 +225,22 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise ConfigError("evaluate messages belong to a deployment (flower.deployment=true)")
     site, root, dataset = node_site(dict(context.node_config))
     classes = class_list(cfg.data.classes)
-    task = msg.content.config_records[TASK]
-    if task.get("config-hash") != config_hash(cfg):
+    task = parse_evaluate_task(msg.content)
+    if task.config_hash != config_hash(cfg):
         raise ConfigError(f"site {site}: the classifier comes from a run with another config")
     device = select_device(cfg.run.device, node_threads(dict(context.node_config), cfg.run.threads))
     test = site_data(cfg, root, dataset, "test")
     if test is not None and len(test):
-        blur = float(task.get("input-blur", 0.0))
         # One classifier, or the experts of local mode, combined by classifier.combine with the real images per
-        # class each trained on (sent by the server as "held-<name>").
-        weights = classifier_bytes(msg.content.array_records[CLASSIFIER])
+        # class each trained on (sent by the server with the experts).
+        weights = task.classifiers
         log_probs = [predict_log_proba(classifier_from_state(load(w), test.images.shape[3], len(classes),
-                                                             cfg.classifier, blur).to(device), test.images, device)
+                                                             cfg.classifier, task.input_blur).to(device),
+                                       test.images, device)
                      for w in weights.values()]
         held = None
         if len(weights) > 1 and cfg.classifier.combine == "holders":
-            held = [task.get(f"held-{name}") for name in weights]
+            held = [task.held.get(name) for name in weights]
             bad = [name for name, h in zip(weights, held, strict=True) if not isinstance(h, list)
                    or len(h) != len(classes) or any(type(n) is not int or n < 0 for n in h)]
             if bad:
