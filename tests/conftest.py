@@ -7,7 +7,7 @@ from fedfactory.federation.runner import run
 
 # A test that needs one of these trains a whole run (or reads one that did): `make test-fast` leaves it out.
 RUN_FIXTURES = frozenset({"tiny_run", "silos", "dirichlet", "private_run", "compared", "reference", "client_replies",
-                          "registry"})
+                          "registry", "audits"})
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,7 @@ def without(metrics: dict, keys=RUN_SPECIFIC) -> dict:
     return {k: v for k, v in metrics.items() if k not in keys}
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     procs = []

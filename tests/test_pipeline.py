@@ -124,6 +124,7 @@ LEARNING = ["generator.steps=200", "synthesis.samples_per_class=300", "classifie
             "reference.centralized=false", "run.threads=1"]
 
 
+@pytest.mark.slow
 def test_the_pipeline_learns_from_synthetic_images_only(tmp_path):
     metrics = run(load_config("tiny", [f"run.out={tmp_path / 'learn'}", *LEARNING]))
     # A broken generator, synthesis or classifier step scores near 0.1; the margin absorbs float differences.

@@ -160,6 +160,7 @@ def test_bad_requests_are_one_line_errors_and_change_nothing(silos, tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
 
 
+@pytest.mark.slow
 def test_local_mode_unlearning_retrains_every_remaining_expert_and_verifies(tmp_path):
     source = tmp_path / "local"
     run(load_config("tiny", [f"run.out={source}", "classifier.mode=local", "reference.centralized=false",
@@ -220,6 +221,7 @@ def client_with_a_small_cell(run_dir: Path) -> int:
     return next(k for k, row in enumerate(hist) if any(0 < n < 20 for n in row) and any(n >= 20 for n in row))
 
 
+@pytest.mark.slow
 def test_a_run_with_cells_below_min_samples_unlearns_its_client_entirely_and_verifies(tmp_path):
     # generator.min_samples=20 leaves cells without a module, as in the README's Dirichlet run; local mode is where
     # a withdrawn client's rows in those cells would still matter (its expert trains on its real data). With the
