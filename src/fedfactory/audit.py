@@ -129,10 +129,8 @@ def near_copy_ratios(synthetic: np.ndarray, members: np.ndarray) -> tuple[np.nda
     every sample counts as a copy of it.
 
     Both distances come from the same set, so the ratio does not depend on how many images a site holds. A ratio
-    against held-out images does: the nearest of fewer images is farther. With a test folder a quarter the size of
-    the training folder (digits sites, 18 to 36 of 71 to 146 images) the same modules showed 0.028 and 0.060
-    near-copies against the held-out images where the second-nearest training image gave 0.003 and 0.023
-    (docs/privacy.md, "The release check").
+    against held-out images does: the nearest of fewer images is farther, so a site whose test folder is smaller
+    than its training folder sees more "copies" (docs/privacy.md, "The release check").
     """
     syn, mem = flat(synthetic), flat(members)
     if len(members) < 2:
