@@ -246,9 +246,9 @@ def test_verification_requires_identical_metrics(silos, tmp_path, monkeypatch):
 
     real = unlearning.verify_from_scratch
 
-    def with_other_metrics(cfg, train, test, parts, expected, unlearned_metrics, unlearned_dir, device):
+    def with_other_metrics(ctx, expected, unlearned_metrics):
         # Bit-identical weights, but the unlearned run's metrics.json claims another accuracy.
-        return real(cfg, train, test, parts, expected, unlearned_metrics | {"accuracy": -1.0}, unlearned_dir, device)
+        return real(ctx, expected, unlearned_metrics | {"accuracy": -1.0})
 
     monkeypatch.setattr(unlearning, "verify_from_scratch", with_other_metrics)
     cert = unlearn(silos, clients=(5,), out=tmp_path / "u", verify=True)

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -95,35 +96,35 @@ def link_modules(source: Path, target: Path) -> None:
             atomic_write_bytes(target / name, (source / name).read_bytes())
 
 
-def run_factory(cfg: Config, mode: str, train, test, parts, out: Path, device, doc: dict) -> dict:
+def run_factory(ctx: runner.RunContext, mode: str, doc: dict) -> dict:
     """Train (or reuse) every module, then run the server or local stage; returns the comparison row."""
-    timer = Timer()
-    runner.train_all_modules(cfg, train, parts, out, device, timer)
-    if "client_training" in timer.timings:
-        doc["module_training_s"] = round((doc["module_training_s"] or 0.0) + timer.timings["client_training"], 3)
+    training = replace(ctx, timer=Timer())
+    runner.train_all_modules(training)
+    if "client_training" in training.timer.timings:
+        trained_s = training.timer.timings["client_training"]
+        doc["module_training_s"] = round((doc["module_training_s"] or 0.0) + trained_s, 3)
 
-    target, stage_cfg = out, cfg
-    if mode != cfg.classifier.mode:
-        target = out / f"factory-{mode}"
-        stage_cfg = apply(cfg, {"classifier.mode": mode, "run.out": str(target)})
-        prepare_run_dir(stage_cfg)
-        link_modules(out / "modules", target / "modules")
-        runner.write_partition(stage_cfg, train, parts, target)
+    # The stage's own timer; the other mode writes a nested run directory of its own.
+    stage = replace(ctx, timer=Timer())
+    if mode != ctx.cfg.classifier.mode:
+        target = ctx.out / f"factory-{mode}"
+        stage = replace(stage, cfg=apply(ctx.cfg, {"classifier.mode": mode, "run.out": str(target)}), out=target)
+        prepare_run_dir(stage.cfg)
+        link_modules(ctx.out / "modules", target / "modules")
+        runner.write_partition(stage)
 
-    stage_timer = Timer()
-    metrics = runner.factory_stage(stage_cfg, load_registry(out / "modules"), parts, train, test, target, device,
-                                   stage_timer)
+    metrics = runner.factory_stage(stage, load_registry(ctx.out / "modules"))
     # The stage's own work; the centralized reference it may train is the "centralized" row's business.
-    stage_s = sum(stage_timer.timings.get(k, 0.0) for k in ("synthesis", "classifier", "evaluation"))
+    stage_s = sum(stage.timer.timings.get(k, 0.0) for k in ("synthesis", "classifier", "evaluation"))
     b = metrics["bytes"]
-    num_clients = len(parts)
+    num_clients = len(ctx.parts)
     up = {str(k): int(b["per_client"].get(str(k), 0)) for k in range(num_clients)}
     down = {str(k): int(b.get("down_per_client", {}).get(str(k), 0)) for k in range(num_clients)}
     row = headline(metrics) | {
         "method": f"factory-{mode}", "rounds": 1, "bytes_up": sum(up.values()), "bytes_down": sum(down.values()),
         "stage_s": round(stage_s, 3), "module_training_s": doc["module_training_s"],
         "wall_s": round(stage_s + (doc["module_training_s"] or 0.0), 3),
-        "bytes_per_client": {"up": up, "down": down}, "run_dir": str(target),
+        "bytes_per_client": {"up": up, "down": down}, "run_dir": str(stage.out),
         "per_class_accuracy": metrics["per_class_accuracy"]}
     if mode == "local":
         row["expert_accuracy"] = metrics["expert_accuracy"]
@@ -247,8 +248,8 @@ def compare(cfg: Config, methods: list[str] | str | None = None) -> dict:
     """Run the chosen methods on cfg's partition and seed into run.out; returns the comparison document."""
     methods = parse_methods(methods)
     # The same opening as `fedfactory run`: every refusal comes before the run directory is touched.
-    out, device, _, train, test, parts = runner.start_run(cfg, kind="compare")
-    chash = config_hash(cfg)
+    ctx = runner.start_run(cfg, kind="compare")
+    out, chash = ctx.out, config_hash(cfg)
     log.info("methods: %s", ", ".join(methods))
 
     doc = read_comparison(out, chash)
@@ -259,10 +260,10 @@ def compare(cfg: Config, methods: list[str] | str | None = None) -> dict:
         log.info("%s: running", method)
         t0 = time.perf_counter()
         if method in FACTORY_MODES:
-            row = run_factory(cfg, FACTORY_MODES[method], train, test, parts, out, device, doc)
+            row = run_factory(ctx, FACTORY_MODES[method], doc)
         else:
-            result = run_baseline(method, train, parts, test, cfg.baselines, cfg.classifier,
-                                  cfg.run.seed, device, progress=cfg.run.progress)
+            result = run_baseline(method, ctx.train, ctx.parts, ctx.test, cfg.baselines, cfg.classifier,
+                                  cfg.run.seed, ctx.device, progress=cfg.run.progress)
             row = baseline_row(result, time.perf_counter() - t0)
         row["config_hash"] = chash
         doc["methods"].append(row)
@@ -271,5 +272,5 @@ def compare(cfg: Config, methods: list[str] | str | None = None) -> dict:
                  row["wall_s"])
     save(out, doc, cfg)
     log.info("comparison: %s, %s, %s", out / "comparison.json", out / "comparison.md", out / "comparison.png")
-    log.info("report: %s", write_report(out, device=device))
+    log.info("report: %s", write_report(out, device=ctx.device))
     return doc

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,28 @@ from fedfactory.seeding import derive_seed
 log = logging.getLogger("fedfactory")
 
 
-def write_partition(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path) -> None:
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one run works in: its config, the directory it writes, the device and the timer; and the
+    data where this process holds it (a simulation). A deployment's server holds none: train, test, parts are None.
+
+    A stage that writes elsewhere or times itself apart takes `dataclasses.replace(ctx, out=..., timer=Timer())`.
+    """
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    timer: Timer
+    train: ImageDataset | None = None
+    test: ImageDataset | None = None
+    parts: list[np.ndarray] | None = None  # row indices of train, one array per client
+
+
+def write_partition(ctx: RunContext) -> None:
     """partition.json (scheme, class histogram, row indices per client), and the histogram in the log."""
+    cfg, train, parts = ctx.cfg, ctx.train, ctx.parts
     hist = class_histogram(train.labels, parts, train.num_classes)
-    atomic_write_json(out / "partition.json", {
+    atomic_write_json(ctx.out / "partition.json", {
         "scheme": cfg.data.partition, "num_clients": len(parts), "class_names": list(train.class_names),
         "histogram": hist.tolist(), "indices": [p.tolist() for p in parts]})
     log.info("partition (%s), samples per client and class:\n%s", cfg.data.partition,
@@ -87,9 +106,9 @@ def check_against_partition(modules: list[Module], train: ImageDataset, parts: l
     return modules
 
 
-def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray], out: Path,
-                      device: torch.device, timer: Timer) -> None:
+def train_all_modules(ctx: RunContext) -> None:
     """Every client trains its modules; each is written atomically to the registry directory."""
+    cfg, train, parts, out = ctx.cfg, ctx.train, ctx.parts, ctx.out
     # One plan per module, all made before the first module trains: a privacy budget that cannot be met is refused
     # before any training is wasted, and training and reuse read the same plan.
     hist = class_histogram(train.labels, parts, train.num_classes)
@@ -114,9 +133,9 @@ def train_all_modules(cfg: Config, train: ImageDataset, parts: list[np.ndarray],
                      ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
 
         t0 = time.perf_counter()
-        for trained in train_client_modules(client, mine, cfg, device, skip=reuse):
+        for trained in train_client_modules(client, mine, cfg, ctx.device, skip=reuse):
             dt = time.perf_counter() - t0
-            timer.add("client_training", dt)
+            ctx.timer.add("client_training", dt)
             if keep_released(out, trained) is not None:
                 manifest = trained.module.manifest
                 log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, manifest["class_id"],
@@ -168,27 +187,26 @@ def input_blur(cfg: Config, modules: list[Module]) -> float:
     return round(float(np.mean(sigmas)), 4) if cfg.classifier.match_sharpness and sigmas else 0.0
 
 
-def centralized_reference(cfg: Config, train: ImageDataset, test: ImageDataset, device: torch.device, timer: Timer,
-                          blur: float, metrics: dict) -> list[tuple[str, dict]]:
+def centralized_reference(ctx: RunContext, blur: float, metrics: dict) -> list[tuple[str, dict]]:
     """If asked, train the same classifier and recipe on the pooled real data; adds metrics["reference"]."""
+    cfg, train, test = ctx.cfg, ctx.train, ctx.test
     if not cfg.reference.centralized:
         return []
     t0 = time.perf_counter()
     model = train_classifier(train.images, train.labels, train.num_classes, cfg.classifier,
-                             derive_seed(cfg.run.seed, "classifier"), device, desc="centralized",
+                             derive_seed(cfg.run.seed, "classifier"), ctx.device, desc="centralized",
                              progress=cfg.run.progress, input_blur=blur)
-    ref = evaluate(predict_proba(model, test.images, device), test.labels, test.class_names)
-    timer.add("reference", time.perf_counter() - t0)
+    ref = evaluate(predict_proba(model, test.images, ctx.device), test.labels, test.class_names)
+    ctx.timer.add("reference", time.perf_counter() - t0)
     metrics["reference"] = {"centralized": ref, "accuracy_ratio": metrics["accuracy"] / ref["accuracy"]}
     return [("centralized", ref)]
 
 
-def write_metrics(cfg: Config, metrics: dict, rows: list[tuple[str, dict]], out: Path, device: torch.device,
-                  blur: float) -> str:
+def write_metrics(ctx: RunContext, metrics: dict, rows: list[tuple[str, dict]], blur: float) -> str:
     """Add the keys every run records, write metrics.json atomically, return the printed results table."""
-    metrics |= {"generator_family": cfg.generator.family, "classifier_input_blur": blur, "device": str(device),
-                "config_hash": config_hash(cfg)}
-    atomic_write_json(out / "metrics.json", metrics)
+    metrics |= {"generator_family": ctx.cfg.generator.family, "classifier_input_blur": blur,
+                "device": str(ctx.device), "config_hash": config_hash(ctx.cfg)}
+    atomic_write_json(ctx.out / "metrics.json", metrics)
     table = format_table(rows)
     if "reference" in metrics:
         table += f"\naccuracy relative to centralized: {metrics['reference']['accuracy_ratio']:.4f}"
@@ -203,14 +221,14 @@ def test_set_score(test: ImageDataset, device: torch.device) -> Score:
     return lambda model, blur: evaluate(predict_proba(model, test.images, device), test.labels, test.class_names)
 
 
-def server_stage(cfg: Config, modules: list[Module], class_names: tuple[str, ...], score: Score, out: Path,
-                 device: torch.device, timer: Timer, pooled: tuple[ImageDataset, ImageDataset] | None = None,
+def server_stage(ctx: RunContext, modules: list[Module], class_names: tuple[str, ...], score: Score,
                  test_name: str = "test set") -> dict:
     """Synthesize a class-balanced set from the modules, train the classifier, score it; write the results.
 
-    `score` evaluates the classifier: on a test set held here, or by the sites of a deployment (counts only).
-    `pooled` (train, test) is the real data for the centralized reference, when this process holds it.
+    `score` evaluates the classifier: on a test set held here, or by the sites of a deployment (counts only). The
+    centralized reference pools ctx's real data, when this process holds it.
     """
+    cfg, out, device, timer = ctx.cfg, ctx.out, ctx.device, ctx.timer
     num_classes = len(class_names)
     t0 = time.perf_counter()
     images, labels, plan = synthesize(modules, num_classes, cfg.synthesis.samples_per_class, cfg.run.seed,
@@ -234,8 +252,8 @@ def server_stage(cfg: Config, modules: list[Module], class_names: tuple[str, ...
 
     # Centralized reference: the same classifier and recipe on the pooled real training data.
     rows = [("factory-server", metrics)]
-    if pooled is not None:
-        rows += centralized_reference(cfg, *pooled, device, timer, blur, metrics)
+    if ctx.train is not None:
+        rows += centralized_reference(ctx, blur, metrics)
 
     sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
     present = {m["class_id"] for m, _ in modules}
@@ -247,7 +265,7 @@ def server_stage(cfg: Config, modules: list[Module], class_names: tuple[str, ...
         "modules": sorted(sizes),
         "missing_classes": [class_names[c] for c in range(num_classes) if c not in present],
     }
-    table = write_metrics(cfg, metrics, rows, out, device, blur)
+    table = write_metrics(ctx, metrics, rows, blur)
     if metrics["missing_classes"]:
         log.info("no module for classes %s: the classifier never sees them", metrics["missing_classes"])
     log.info("results (%s, %d test images):\n%s", test_name, metrics["num_test"], table)
@@ -259,14 +277,14 @@ def expert_path(out: Path, client_id: int) -> Path:
     return out / "experts" / f"{client_name(client_id)}.safetensors"
 
 
-def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], train: ImageDataset, test: ImageDataset,
-                out: Path, device: torch.device, timer: Timer, modules_dir: Path | None = None) -> dict:
+def local_stage(ctx: RunContext, modules: list[Module]) -> dict:
     """Local mode: each client with data trains an expert on its real data and the modules it receives (every
     other client's); the experts' predictions are combined by classifier.combine (combine_experts). Writes experts/
-    and metrics.json to `out`; module sizes come from modules_dir (default out/modules).
+    and metrics.json to ctx.out; module sizes come from ctx.out/modules.
     """
-    modules_dir = modules_dir or out / "modules"
-    sizes = {p.stem: p.stat().st_size for p in sorted(modules_dir.glob("*.safetensors"))}
+    cfg, out, device, timer = ctx.cfg, ctx.out, ctx.device, ctx.timer
+    train, test, parts = ctx.train, ctx.test, ctx.parts
+    sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
     blur = input_blur(cfg, modules)
     (out / "experts").mkdir(exist_ok=True)
     log_probs, plans, expert_accuracy = [], {}, {}
@@ -303,7 +321,7 @@ def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], tra
     timer.add("evaluation", time.perf_counter() - t0)
     timer.add("end_to_end", time.perf_counter() - timer.start)
 
-    rows = [("factory-local", metrics)] + centralized_reference(cfg, train, test, device, timer, blur, metrics)
+    rows = [("factory-local", metrics)] + centralized_reference(ctx, blur, metrics)
 
     held = set(np.flatnonzero(holdings.sum(axis=0)).tolist())
     metrics |= {
@@ -317,21 +335,21 @@ def local_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], tra
         "modules": sorted(sizes),
         "missing_classes": [train.class_names[c] for c in range(train.num_classes) if c not in held],
     }
-    table = write_metrics(cfg, metrics, rows, out, device, blur)
+    table = write_metrics(ctx, metrics, rows, blur)
     log.info("results (%s, %d test images, %d experts combined by %s):\n%s", test.name, len(test), len(log_probs),
              cfg.classifier.combine, table)
     log.info("timings (s): %s", json.dumps(timer.timings))
     return metrics
 
 
-def factory_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], train: ImageDataset,
-                  test: ImageDataset, out: Path, device: torch.device, timer: Timer) -> dict:
-    """The stage that follows the clients for cfg's classifier mode: server_stage or local_stage."""
+def factory_stage(ctx: RunContext, modules: list[Module]) -> dict:
+    """The stage that follows the clients for cfg's classifier mode, on the data ctx holds: server_stage or
+    local_stage."""
+    cfg, train, test, parts, out = ctx.cfg, ctx.train, ctx.test, ctx.parts, ctx.out
     if cfg.classifier.mode == "local":
-        metrics = local_stage(cfg, modules, parts, train, test, out, device, timer)
+        metrics = local_stage(ctx, modules)
     else:
-        metrics = server_stage(cfg, modules, train.class_names, test_set_score(test, device), out, device, timer,
-                               pooled=(train, test), test_name=test.name)
+        metrics = server_stage(ctx, modules, train.class_names, test_set_score(test, ctx.device), test_name=test.name)
     # How much each client weighs in each class, in fedfactory run and a Flower simulation alike (a deployment's
     # server records the same from the sites' reports).
     histogram = class_histogram(train.labels, parts, train.num_classes)
@@ -345,11 +363,10 @@ def factory_stage(cfg: Config, modules: list[Module], parts: list[np.ndarray], t
     return metrics
 
 
-def start_run(cfg: Config, kind: str = "run") -> tuple[Path, torch.device, Timer, ImageDataset, ImageDataset,
-                                                       list[np.ndarray]]:
+def start_run(cfg: Config, kind: str = "run") -> RunContext:
     """Open the run directory and its log, choose the device, load the data and write the partition.
 
-    Shared by the in-process runner, compare and the Flower server; returns (out, device, timer, train, test, parts).
+    Shared by the in-process runner, compare and the Flower server's simulation.
     """
     # Every refusal (run directory, dataset files, partition) comes before the first write: a run that cannot
     # start leaves no directory behind, and an existing one untouched.
@@ -363,20 +380,21 @@ def start_run(cfg: Config, kind: str = "run") -> tuple[Path, torch.device, Timer
     out = prepare_run_dir(cfg).resolve()
     setup_logging(out)
     log.info("%s %s on %s, config %s", kind, out, device, config_hash(cfg)[:12])
-    write_partition(cfg, train, parts, out)
-    return out, device, timer, train, test, parts
+    ctx = RunContext(cfg, out, device, timer, train, test, parts)
+    write_partition(ctx)
+    return ctx
 
 
 def run(cfg: Config) -> dict:
     """Run the whole method in one process; returns the metrics written to metrics.json."""
-    out, device, timer, train, test, parts = start_run(cfg)
+    ctx = start_run(cfg)
 
     # Clients: one module per held class, trained from scratch.
-    train_all_modules(cfg, train, parts, out, device, timer)
+    train_all_modules(ctx)
 
     # Server mode: validate the registry, synthesize, train and evaluate the classifier.
     # Local mode: every client trains an expert on its data and the modules it receives; experts are multiplied.
-    modules = check_against_partition(load_registry(out / "modules"), train, parts)
-    metrics = factory_stage(cfg, modules, parts, train, test, out, device, timer)
-    log.info("report: %s", write_report(out, device=device))
+    modules = check_against_partition(load_registry(ctx.out / "modules"), ctx.train, ctx.parts)
+    metrics = factory_stage(ctx, modules)
+    log.info("report: %s", write_report(ctx.out, device=ctx.device))
     return metrics

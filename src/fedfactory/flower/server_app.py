@@ -29,7 +29,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfactory.config import Config, ConfigError, class_list, config_hash
 from fedfactory.data.folders import read_class_folders
-from fedfactory.data.images import ImageDataset
 from fedfactory.data.partition import class_histogram
 from fedfactory.device import select_device
 from fedfactory.federation.factory import bytes_per_client, local_synthetic_count
@@ -53,6 +52,7 @@ from fedfactory.federation.intake import (
     trust_record,
 )
 from fedfactory.federation.runner import (
+    RunContext,
     Score,
     check_against_partition,
     factory_stage,
@@ -94,15 +94,13 @@ STALE_DIR = "stale"  # under modules/: kept modules a site's claim no longer bac
 
 @dataclass(frozen=True)
 class Opened:
-    """A Flower run before its train round: the run directory, device and timer; the roster (who may answer, and
-    where the expected modules come from); the kept modules the nodes may skip (module id -> images trained on)."""
+    """A Flower run before its train round: the run's context (a simulation's holds its data, a deployment's none);
+    the roster (who may answer, and where the expected modules come from); the kept modules the nodes may skip
+    (module id -> images trained on)."""
 
-    out: Path
-    device: torch.device
-    timer: Timer
+    ctx: RunContext
     roster: Roster
     skip: dict[str, int]
-    data: tuple[ImageDataset, ImageDataset, list[np.ndarray]] | None = None  # simulation: train, test, parts
 
 
 @dataclass(frozen=True)
@@ -242,23 +240,24 @@ def collect(replies: list[Message], node_of: dict[str, int], roster: Roster, cfg
     return got, write_modules(got, modules_dir)
 
 
-def train_round(grid: Grid, cfg: Config, fl: FlowerConfig, run: Opened) -> TrainRound:
+def train_round(grid: Grid, fl: FlowerConfig, opened: Opened) -> TrainRound:
     """One train message to every SuperNode that connects; the replies decided, the accepted modules written."""
+    ctx, skip = opened.ctx, opened.skip
     t0 = time.perf_counter()
-    nodes = connected_nodes(grid, cfg.data.num_clients, fl.wait_nodes)
+    nodes = connected_nodes(grid, ctx.cfg.data.num_clients, fl.wait_nodes)
     # A simulation's clients skip what the server chose by the partition; a site only a module trained on as many
     # images as it holds now, which only it knows (hence the counts).
-    counts = None if run.roster.simulation else list(run.skip.values())
+    counts = None if opened.roster.simulation else list(skip.values())
     # A TTL long enough for generator training.
-    messages = [Message(task_content(config_hash(cfg), list(run.skip), counts), dst_node_id=n, message_type=TRAIN,
+    messages = [Message(task_content(config_hash(ctx.cfg), list(skip), counts), dst_node_id=n, message_type=TRAIN,
                         ttl=fl.train_timeout) for n in nodes]
     replies, node_of, silent = exchange(grid, messages, fl.train_timeout)
-    run.timer.add("clients_round_trip", time.perf_counter() - t0)
+    ctx.timer.add("clients_round_trip", time.perf_counter() - t0)
     missing = [Arrival(n, error=f"no reply within flower.train_timeout={fl.train_timeout}s") for n in silent]
-    got, moved = collect(replies, node_of, run.roster, cfg, run.out / "modules", missing)
-    record_release(run.out, list(got.release.values()))
+    got, moved = collect(replies, node_of, opened.roster, ctx.cfg, ctx.out / "modules", missing)
+    record_release(ctx.out, list(got.release.values()))
     if got.senders:
-        run.timer.add("client_training", sum(s.train_seconds for s in got.senders.values()))
+        ctx.timer.add("client_training", sum(s.train_seconds for s in got.senders.values()))
     return TrainRound(got, moved, nodes, wire_bytes(messages[0]))
 
 
@@ -267,16 +266,17 @@ def train_round(grid: Grid, cfg: Config, fl: FlowerConfig, run: Opened) -> Train
 
 def open_simulation(cfg: Config) -> Opened:
     """A simulation: the data and the partition give partition.json, the modules to expect and the evaluation."""
-    out, device, timer, train, test, parts = start_run(cfg, kind="flower run")
-    histogram = class_histogram(train.labels, parts, train.num_classes)
+    ctx = start_run(cfg, kind="flower run")
+    train = ctx.train
+    histogram = class_histogram(train.labels, ctx.parts, train.num_classes)
     roster = Roster(config_hash(cfg), train.class_names, cfg.generator.min_samples, histogram=histogram)
     # A kept module is reused only if it was trained on its cell's images.
-    cells = implied_modules(histogram, range(len(parts)), cfg.generator.min_samples)
-    kept = kept_modules(out / "modules", cfg)
+    cells = implied_modules(histogram, range(len(ctx.parts)), cfg.generator.min_samples)
+    kept = kept_modules(ctx.out / "modules", cfg)
     skip = {mid: kept[mid] for mid in reusable_modules(kept, cells)}
     if skip:
         log.info("reusing %d modules from an earlier attempt (hash checked); clients skip them", len(skip))
-    return Opened(out, device, timer, roster, skip, (train, test, parts))
+    return Opened(ctx, roster, skip)
 
 
 def open_deployment(cfg: Config, fl: FlowerConfig) -> Opened:
@@ -294,7 +294,8 @@ def open_deployment(cfg: Config, fl: FlowerConfig) -> Opened:
     if kept:
         log.info("%d modules from an earlier attempt (hash checked); sites whose data is unchanged skip them",
                  len(kept))
-    return Opened(out, device, timer, Roster(config_hash(cfg), classes, cfg.generator.min_samples, pins=pins), kept)
+    roster = Roster(config_hash(cfg), classes, cfg.generator.min_samples, pins=pins)
+    return Opened(RunContext(cfg, out, device, timer), roster, kept)
 
 
 def set_aside_stale_modules(modules_dir: Path, got: TrainIntake) -> tuple[list[str], list[str]]:
@@ -316,14 +317,15 @@ def site_histogram(got: TrainIntake, classes: tuple[str, ...]) -> list[list[int]
     return [[got.senders[s].counts.get(c, 0) for c in classes] for s in sorted(got.senders)]
 
 
-def settle_sites(run: Opened, got: TrainIntake) -> tuple[list[str], list[str]]:
+def settle_sites(opened: Opened, got: TrainIntake) -> tuple[list[str], list[str]]:
     """After a deployment's train round: set aside the kept modules the sites' counts no longer back, and write
     partition.json from those counts, which are all the server knows of the data. Returns the stale module ids and
     the files set aside."""
-    stale, moved = set_aside_stale_modules(run.out / "modules", got)
-    atomic_write_json(run.out / "partition.json", {
-        "scheme": "sites", "num_clients": len(got.senders), "class_names": list(run.roster.classes),
-        "sites": sorted(got.senders), "histogram": site_histogram(got, run.roster.classes)})
+    out, classes = opened.ctx.out, opened.roster.classes
+    stale, moved = set_aside_stale_modules(out / "modules", got)
+    atomic_write_json(out / "partition.json", {
+        "scheme": "sites", "num_clients": len(got.senders), "class_names": list(classes),
+        "sites": sorted(got.senders), "histogram": site_histogram(got, classes)})
     return stale, moved
 
 
@@ -411,11 +413,12 @@ def expert_modules(site: str, modules: list[Module], cfg: Config) -> list[str]:
             if m["client_id"] != site or local_synthetic_count(m["num_samples"], spc, fill) > 0]
 
 
-def expert_round(grid: Grid, cfg: Config, fl: FlowerConfig, got: TrainIntake, modules: list[Module], blur: float,
-                 out: Path) -> tuple[dict[str, bytes], dict]:
+def expert_round(grid: Grid, fl: FlowerConfig, ctx: RunContext, got: TrainIntake, modules: list[Module],
+                 blur: float) -> tuple[dict[str, bytes], dict]:
     """Local mode's second round: each site receives the modules expert_modules names and returns its expert, which
     is checked to load into the run's classifier (intake.check_expert) and written to experts/<site>.safetensors.
     Returns site -> weights, and metrics.json's expert_round."""
+    cfg, out = ctx.cfg, ctx.out
     sites = sorted(got.senders)
     files = {m["module_id"]: (out / "modules" / module_filename(m["module_id"])).read_bytes() for m, _ in modules}
     messages = [Message(expert_task_content(config_hash(cfg), blur, {
@@ -445,16 +448,16 @@ def expert_round(grid: Grid, cfg: Config, fl: FlowerConfig, got: TrainIntake, mo
                      "bytes_up": dict(sorted(up.items()))}
 
 
-def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, run: Opened, got: TrainIntake,
-                      modules: list[Module]) -> dict:
+def local_sites_stage(grid: Grid, fl: FlowerConfig, opened: Opened, got: TrainIntake, modules: list[Module]) -> dict:
     """Local mode in a deployment: experts trained at the sites, combined at the sites by classifier.combine."""
-    out, timer, classes = run.out, run.timer, run.roster.classes
+    ctx, classes = opened.ctx, opened.roster.classes
+    cfg, out, timer = ctx.cfg, ctx.out, ctx.timer
     blur = input_blur(cfg, modules)
     t0 = time.perf_counter()
-    experts, expert_record = expert_round(grid, cfg, fl, got, modules, blur, out)
+    experts, expert_record = expert_round(grid, fl, ctx, got, modules, blur)
     timer.add("experts_round_trip", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    metrics, evaluation = evaluate_at_sites(grid, cfg, fl, got, run.roster.pins, classes, experts, blur)
+    metrics, evaluation = evaluate_at_sites(grid, cfg, fl, got, opened.roster.pins, classes, experts, blur)
     timer.add("evaluation", time.perf_counter() - t0)
     timer.add("end_to_end", time.perf_counter() - timer.start)
     sizes = {p.stem: p.stat().st_size for p in sorted((out / "modules").glob("*.safetensors"))}
@@ -471,7 +474,7 @@ def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, run: Opened, go
         "evaluation": evaluation,
         "expert_round": expert_record,
     }
-    table = write_metrics(cfg, metrics, [("factory-local", metrics)], out, device=run.device, blur=blur)
+    table = write_metrics(ctx, metrics, [("factory-local", metrics)], blur=blur)
     log.info("results (the sites' test folders, %d test images, product of %d experts):\n%s", metrics["num_test"],
              len(experts), table)
     return metrics
@@ -481,9 +484,9 @@ def local_sites_stage(grid: Grid, cfg: Config, fl: FlowerConfig, run: Opened, go
 # these keys).
 
 
-def client_report(run: Opened, got: TrainIntake, present: set[str], nodes: list[int]) -> dict:
+def client_report(roster: Roster, got: TrainIntake, present: set[str], nodes: list[int]) -> dict:
     """The keys that say which clients and modules are missing and what crossed the wire."""
-    expected = expected_modules(run.roster, got)
+    expected = expected_modules(roster, got)
     return {
         "failed_clients": [k for k in sorted(expected) if k not in got.senders],
         "missing_modules": sorted(mid for mids in expected.values() for mid in mids if mid not in present),
@@ -498,11 +501,11 @@ def client_report(run: Opened, got: TrainIntake, present: set[str], nodes: list[
     }
 
 
-def site_report(run: Opened, train: TrainRound, present: set[str], stale: list[str], moved: list[str]) -> dict:
+def site_report(roster: Roster, train: TrainRound, present: set[str], stale: list[str], moved: list[str]) -> dict:
     """The keys that say which sites answered, failed and sent what, and how far their names were trusted."""
     got = train.got
     sites = sorted(got.senders)
-    expected = expected_modules(run.roster, got)
+    expected = expected_modules(roster, got)
     return {
         "sites": sites,
         "failed_sites": dict(sorted(got.site_errors.items())),
@@ -520,7 +523,7 @@ def site_report(run: Opened, train: TrainRound, present: set[str], stale: list[s
             "stale_modules_removed": stale,
             "stale_modules_set_aside": moved,
         },
-        "trust": trust_record(run.roster.pins, sites),
+        "trust": trust_record(roster.pins, sites),
     }
 
 
@@ -544,31 +547,30 @@ def check_flower_config(cfg: Config, fl: FlowerConfig) -> None:
                           "add flower.deployment = true to its [flower] section (a simulation needs data.root)")
 
 
-def score_simulation(cfg: Config, run: Opened, modules: list[Module], report: dict) -> dict:
+def score_simulation(ctx: RunContext, modules: list[Module], report: dict) -> dict:
     """A simulation's server stage: the one `fedfactory run` runs, on the test set this server holds."""
     for k in report["failed_clients"]:
         lost = [mid for mid in report["missing_modules"] if client_of(mid) == client_name(k)]
         log.info("client %d delivered no modules; missing: %s", k, ", ".join(lost) or "none (all reused)")
-    train, test, parts = run.data
     # factory_stage writes metrics.json; serve rewrites it with the keys only a federated run has.
-    return factory_stage(cfg, modules, parts, train, test, run.out, run.device, run.timer) | report
+    return factory_stage(ctx, modules) | report
 
 
-def score_deployment(grid: Grid, cfg: Config, fl: FlowerConfig, run: Opened, got: TrainIntake, modules: list[Module],
+def score_deployment(grid: Grid, fl: FlowerConfig, opened: Opened, got: TrainIntake, modules: list[Module],
                      report: dict) -> dict:
     """A deployment's server stage: the classifier (or in local mode the sites' experts) scored at the sites."""
     for site, reason in report["failed_sites"].items():
         log.info("site %s delivered no modules: %s", site, reason)
-    classes = run.roster.classes
+    ctx, classes = opened.ctx, opened.roster.classes
+    cfg = ctx.cfg
     if cfg.classifier.mode == "local":
-        metrics = local_sites_stage(grid, cfg, fl, run, got, modules)
+        metrics = local_sites_stage(grid, fl, opened, got, modules)
     else:
-        score = score_at_sites(grid, cfg, fl, got, run.roster.pins, classes)
-        metrics = server_stage(cfg, modules, classes, score, run.out, run.device, run.timer,
-                               test_name="the sites' test folders")
+        score = score_at_sites(grid, cfg, fl, got, opened.roster.pins, classes)
+        metrics = server_stage(ctx, modules, classes, score, test_name="the sites' test folders")
     metrics |= report
     sites = sorted(got.senders)
-    metrics["release"] = release_summary(read_release(run.out), site_histogram(got, classes), sites, classes,
+    metrics["release"] = release_summary(read_release(ctx.out), site_histogram(got, classes), sites, classes,
                                          cfg.generator.min_samples, cfg.release.max_copy_fraction)
     metrics["site_shares"] = class_shares({s: got.senders[s].counts for s in sites},
                                           flat_plan(metrics.get("synthesis_plan", {})), [m for m, _ in modules],
@@ -580,26 +582,27 @@ def serve(grid: Grid, cfg: Config, fl: FlowerConfig) -> dict:
     """The whole server side of a Flower run (flower.deployment picks the way); returns the metrics written to
     metrics.json."""
     check_flower_config(cfg, fl)
-    run = open_deployment(cfg, fl) if fl.deployment else open_simulation(cfg)
-    train = train_round(grid, cfg, fl, run)
+    opened = open_deployment(cfg, fl) if fl.deployment else open_simulation(cfg)
+    ctx = opened.ctx
+    train = train_round(grid, fl, opened)
     got = train.got
-    stale, moved = settle_sites(run, got) if fl.deployment else ([], [])
+    stale, moved = settle_sites(opened, got) if fl.deployment else ([], [])
 
     # The registry is the directory, loaded and validated as in `fedfactory run`.
-    modules = load_registry(run.out / "modules")
-    if run.data is not None:
-        modules = check_against_partition(modules, run.data[0], run.data[2])
+    modules = load_registry(ctx.out / "modules")
+    if ctx.parts is not None:
+        modules = check_against_partition(modules, ctx.train, ctx.parts)
     if not modules:
         raise RuntimeError(f"no {'site' if fl.deployment else 'client'} delivered a module, nothing to synthesize "
                            f"from; errors: {list(got.errors)}")
     present = {m["module_id"] for m, _ in modules}
     if fl.deployment:
-        report = site_report(run, train, present, stale, train.moved + moved)
-        metrics = score_deployment(grid, cfg, fl, run, got, modules, report)
+        report = site_report(opened.roster, train, present, stale, train.moved + moved)
+        metrics = score_deployment(grid, fl, opened, got, modules, report)
     else:
-        metrics = score_simulation(cfg, run, modules, client_report(run, got, present, train.nodes))
-    atomic_write_json(run.out / "metrics.json", metrics)
-    log.info("report: %s", write_report(run.out, device=run.device))
+        metrics = score_simulation(ctx, modules, client_report(opened.roster, got, present, train.nodes))
+    atomic_write_json(ctx.out / "metrics.json", metrics)
+    log.info("report: %s", write_report(ctx.out, device=ctx.device))
     return metrics
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from fedfactory.data.datasets import load_data
 from fedfactory.device import select_device
-from fedfactory.federation.runner import read_release
+from fedfactory.federation.runner import RunContext, read_release
 from fedfactory.federation.unlearning.certificate import build_certificate, record_verification, write_certificate
 from fedfactory.federation.unlearning.plan import (
     UnlearningError,
@@ -71,14 +71,16 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
     release = read_release(run_dir)
     t0 = time.perf_counter()
     if is_deployment(partition_doc):
-        data = None
+        train = test = None
         plan = plan_deployment(run_dir, cfg, partition_doc, before, manifests, release, clients, modules)
     else:
-        data = load_data(new_cfg.data)
-        plan = plan_simulation(run_dir, cfg, partition_doc, before, manifests, release, clients, modules, data[0])
+        train, test = load_data(new_cfg.data)
+        plan = plan_simulation(run_dir, cfg, partition_doc, before, manifests, release, clients, modules, train)
 
     stage = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     stage.mkdir(parents=True)
+    # The unlearned run, written in `stage` and renamed to `out` once complete; a deployment's holds no data.
+    ctx = RunContext(new_cfg, stage, device, timer, train, test, None if plan.parts is None else list(plan.parts))
     try:
         (stage / "modules").mkdir()
         setup_logging(stage)
@@ -87,18 +89,16 @@ def unlearn(run_dir, clients=(), modules=(), out=None, verify: bool = False) -> 
         if not plan.deployment:  # a deployment's server loads no data
             timer.add("data", time.perf_counter() - t0)
         registry = copy_modules(plan, run_dir, stage)
-        after = retrain(plan, new_cfg, registry, data, stage, device, timer)
+        after = retrain(plan, ctx, registry)
         unlearn_seconds = round(time.perf_counter() - timer.start, 3)
-        cert = build_certificate(plan, run_dir, manifests, before, out, stage, new_cfg, registry, after, device,
-                                 unlearn_seconds)
+        cert = build_certificate(plan, ctx, run_dir, manifests, before, out, registry, after, unlearn_seconds)
         if verify and plan.deployment:
             log.info("verification skipped: %s", DEPLOYMENT_SKIPPED)
             record_verification(cert, {"skipped": DEPLOYMENT_SKIPPED})
         elif verify:
             log.info("verifying: retraining %d modules from scratch without the removed ones", len(plan.remaining))
-            train, test = data
-            record_verification(cert, verify_from_scratch(new_cfg, train, test, list(plan.parts), {
-                m.manifest["module_id"]: m for m in registry}, after, stage, device))
+            record_verification(cert, verify_from_scratch(ctx, {m.manifest["module_id"]: m for m in registry},
+                                                          after))
             log.info("verification %s: %s", "passed" if cert["verified"] else "FAILED",
                      cert["verification"]["summary"])
         write_certificate(stage, cert)

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fedfactory.config import Config, config_hash
-from fedfactory.federation.runner import read_release
+from fedfactory.config import config_hash
+from fedfactory.federation.runner import RunContext, read_release
 from fedfactory.federation.unlearning.plan import CLASS_GROUPS, UnlearningPlan, withheld
 from fedfactory.modules.ids import module_filename
 from fedfactory.modules.manifest import weights_sha256
@@ -53,11 +53,11 @@ def summarize(metrics: dict, groups: dict[str, list[int]]) -> dict:
     return out
 
 
-def build_certificate(plan: UnlearningPlan, source: Path, manifests: dict[str, dict], before: dict, out: Path,
-                      stage: Path, cfg: Config, registry: list[Module], after: dict, device: torch.device,
-                      seconds: float) -> dict:
-    """The certificate of an unlearning whose new run directory is assembled in `stage` (renamed to `out` later);
+def build_certificate(plan: UnlearningPlan, ctx: RunContext, source: Path, manifests: dict[str, dict], before: dict,
+                      out: Path, registry: list[Module], after: dict, seconds: float) -> dict:
+    """The certificate of an unlearning whose new run directory is assembled in ctx.out (renamed to `out` later);
     `verified` stays None until record_verification."""
+    cfg, stage = ctx.cfg, ctx.out
     doc = {
         "format_version": CERTIFICATE_VERSION,
         "source_run": str(source),
@@ -73,7 +73,7 @@ def build_certificate(plan: UnlearningPlan, source: Path, manifests: dict[str, d
         # Modules of the remaining clients that the release check kept at their sites, in both runs.
         "withheld_modules": sorted(withheld(read_release(stage))),
         "seed": cfg.run.seed,
-        "device": str(device),
+        "device": str(ctx.device),
         "torch_threads": torch.get_num_threads(),
         "config_hash": config_hash(cfg),
         "classifier": trained_record(stage, plan.mode),

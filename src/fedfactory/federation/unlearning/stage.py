@@ -10,13 +10,19 @@ import torch
 
 from fedfactory.config import Config, to_toml
 from fedfactory.data.folders import read_class_folders
-from fedfactory.data.images import ImageDataset
-from fedfactory.federation.runner import Score, factory_stage, record_release, server_stage, test_set_score
+from fedfactory.federation.runner import (
+    RunContext,
+    Score,
+    factory_stage,
+    record_release,
+    server_stage,
+    test_set_score,
+)
 from fedfactory.federation.unlearning.plan import UnlearningPlan
 from fedfactory.metrics import metrics_from_counts, score_counts
 from fedfactory.modules.ids import module_filename
 from fedfactory.registry import Module, load_registry
-from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedfactory.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("fedfactory")
 
@@ -47,12 +53,10 @@ def deployment_score(cfg: Config, class_names: tuple[str, ...], device: torch.de
     return lambda model, blur: metrics_from_counts(**empty, class_names=class_names)
 
 
-def retrain(plan: UnlearningPlan, cfg: Config, registry: list[Module], data: tuple[ImageDataset, ImageDataset] | None,
-            stage: Path, device: torch.device, timer: Timer) -> dict:
+def retrain(plan: UnlearningPlan, ctx: RunContext, registry: list[Module]) -> dict:
     """Re-synthesize from the remaining modules and retrain what plan.retrains names, as the source run did: a
-    simulation's stage for its classifier mode on `data` (train, test), or a deployment server's classifier."""
+    simulation's stage for its classifier mode on the data ctx holds, or a deployment server's classifier."""
     if plan.deployment:
-        return server_stage(cfg, registry, plan.class_names, deployment_score(cfg, plan.class_names, device), stage,
-                            device, timer, test_name="no test set here")
-    train, test = data
-    return factory_stage(cfg, registry, list(plan.parts), train, test, stage, device, timer)
+        return server_stage(ctx, registry, plan.class_names, deployment_score(ctx.cfg, plan.class_names, ctx.device),
+                            test_name="no test set here")
+    return factory_stage(ctx, registry)

@@ -4,16 +4,14 @@ compare the result with the unlearned run bit for bit (modules, classifier or ex
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fedfactory.config import Config
-from fedfactory.data.images import ImageDataset
 from fedfactory.federation.client import client_plans, train_client_modules
-from fedfactory.federation.runner import factory_stage, keep_released, read_release, record_release
+from fedfactory.federation.runner import RunContext, factory_stage, keep_released, read_release, record_release
 from fedfactory.federation.unlearning.certificate import trained_record
 from fedfactory.federation.unlearning.plan import TRAINED
 from fedfactory.registry import Module, load_registry
@@ -55,10 +53,10 @@ def trained_difference(a_dir: Path, b_dir: Path, mode: str) -> dict | None:
     return None
 
 
-def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, parts: list[np.ndarray],
-                        expected: dict[str, Module], unlearned_metrics: dict, unlearned_dir: Path,
-                        device: torch.device) -> dict:
-    """Rerun the pipeline from scratch on the withdrawn partition and compare it with the unlearned run."""
+def verify_from_scratch(ctx: RunContext, expected: dict[str, Module], unlearned_metrics: dict) -> dict:
+    """Rerun the pipeline from scratch on the withdrawn partition (the data ctx holds) and compare it with the
+    unlearned run in ctx.out."""
+    cfg, train, parts, device, unlearned_dir = ctx.cfg, ctx.train, ctx.parts, ctx.device, ctx.out
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedfactory-verify-") as tmp:
         tmp = Path(tmp)
@@ -90,7 +88,7 @@ def verify_from_scratch(cfg: Config, train: ImageDataset, test: ImageDataset, pa
                         module_difference = {"module_id": mid} | found
         missing = sorted(expected.keys() - trained)
         # The same synthesis, classifier and evaluation; the timer is the verification's own.
-        metrics = factory_stage(cfg, load_registry(tmp / "modules"), parts, train, test, tmp, device, Timer())
+        metrics = factory_stage(replace(ctx, out=tmp, timer=Timer()), load_registry(tmp / "modules"))
         difference = trained_difference(unlearned_dir, tmp, cfg.classifier.mode)
         scratch = trained_record(tmp, cfg.classifier.mode)
     # Timings are wall clock, and module file sizes can differ by a byte or two because each manifest records
