@@ -208,7 +208,7 @@ _RAW_WRITES = re.compile(r"\.write_text\(|\.write_bytes\(|\bsave_file\(|torch\.s
 
 
 _PACKAGE = REPO / "src" / "fedfactory"
-_WRITERS = sorted({*(_PACKAGE / "federation").glob("*.py"), _PACKAGE / "report.py",
+_WRITERS = sorted({*(_PACKAGE / "federation").glob("*.py"), *(_PACKAGE / "report").glob("*.py"),
                    _PACKAGE / "flower" / "server_app.py"})
 
 
