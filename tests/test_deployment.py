@@ -38,7 +38,8 @@ from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.data.folders import read_class_folders, write_class_folders  # noqa: E402
 from fedfactory.data.images import DatasetError  # noqa: E402
 from fedfactory.federation.factory import combine_experts, product_of_experts  # noqa: E402
-from fedfactory.federation.intake import ReplyError, Roster, counts_limit, load_pins  # noqa: E402
+from fedfactory.federation.intake import ReplyError, counts_limit, load_pins  # noqa: E402
+from fedfactory.federation.records import Roster  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_partition, node_site, node_threads, site_data  # noqa: E402

@@ -22,7 +22,7 @@ from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args  # no
 from fedfactory.config import ConfigError, config_hash, load_config, to_toml  # noqa: E402
 from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.data.partition import class_histogram, split_clients  # noqa: E402
-from fedfactory.federation.intake import Roster  # noqa: E402
+from fedfactory.federation.records import Roster  # noqa: E402
 from fedfactory.federation.runner import run  # noqa: E402
 from fedfactory.flower import loopback, wire  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402

@@ -14,15 +14,8 @@ from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.client import client_plans, train_client_module
 from fedfactory.federation.intake import (
     MAX_SITE_IMAGES,
-    Arrival,
     ClaimError,
-    CountsReply,
-    ExpertReply,
-    Payload,
     PinError,
-    Roster,
-    Sender,
-    TrainReply,
     accept_train,
     check_counts_reply,
     check_expert,
@@ -40,6 +33,7 @@ from fedfactory.federation.intake import (
     stale_modules,
     trust_record,
 )
+from fedfactory.federation.records import Arrival, CountsReply, ExpertReply, Payload, Roster, Sender, TrainReply
 from fedfactory.metrics import score_counts
 from fedfactory.modules.files import MAX_FILE_BYTES, module_to_bytes
 

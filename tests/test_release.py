@@ -91,7 +91,7 @@ def test_a_flower_client_never_sends_a_withheld_module_and_the_server_records_it
     from flwr.app.message import make_message
 
     from fedfactory.config import config_hash
-    from fedfactory.federation.intake import Roster
+    from fedfactory.federation.records import Roster
     from fedfactory.federation.runner import read_release, record_release
     from fedfactory.flower.client_app import train_modules
     from fedfactory.flower.server_app import collect

@@ -8,7 +8,8 @@ pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[f
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
-from fedfactory.federation.intake import CountsReply, ExpertReply, Payload, TrainReply, counts_limit  # noqa: E402
+from fedfactory.federation.intake import counts_limit  # noqa: E402
+from fedfactory.federation.records import CountsReply, ExpertReply, Payload, TrainReply  # noqa: E402
 from fedfactory.flower import wire  # noqa: E402
 from fedfactory.flower.wire import (  # noqa: E402
     CLIENT,

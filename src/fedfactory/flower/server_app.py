@@ -34,11 +34,7 @@ from fedfactory.device import select_device
 from fedfactory.federation.factory import bytes_per_client, local_synthetic_count
 from fedfactory.federation.intake import (
     MAX_SITE_IMAGES,
-    Arrival,
-    Pins,
     ReplyError,
-    Roster,
-    TrainIntake,
     accept_train,
     check_counts_reply,
     check_expert,
@@ -51,6 +47,7 @@ from fedfactory.federation.intake import (
     stale_modules,
     trust_record,
 )
+from fedfactory.federation.records import Arrival, Pins, Roster, TrainIntake
 from fedfactory.federation.runner import (
     RunContext,
     Score,

@@ -1,7 +1,8 @@
 """What crosses the wire: every protocol key, and for each message a writer and, beside it, its parser.
 
-A parser turns a message's RecordDict into a small frozen record (the server's in federation.intake, which decides
-from them alone; the client's here) or raises WireError naming what is malformed. Nothing else reads a record key.
+A parser turns a message's RecordDict into a small frozen record (the server's in federation.records, from which
+alone federation.intake decides; the client's here) or raises WireError naming what is malformed. Nothing else
+reads a record key.
 
 A module travels as the exact bytes of its safetensors file, in one Array. Why bytes rather than one Array per
 tensor plus a manifest ConfigRecord: the file is the unit the registry stores, hashes and validates, so carrying it
@@ -18,16 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedfactory.federation.intake import (
-    CountsReply,
-    ExpertReply,
-    Payload,
-    ReplyError,
-    TrainReply,
-    counts_limit,
-    oversized,
-    too_large,
-)
+from fedfactory.federation.intake import ReplyError, counts_limit, oversized, too_large
+from fedfactory.federation.records import CountsReply, ExpertReply, Payload, TrainReply
 from fedfactory.modules.files import MAX_FILE_BYTES
 from fedfactory.modules.refusal import ModuleError
 
