@@ -38,7 +38,7 @@ from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
 from fedfactory.data.images import to_float, to_uint8  # noqa: E402
 from fedfactory.federation.factory import synthesize  # noqa: E402
-from fedfactory.generative.aegmm import fit_densities  # noqa: E402
+from fedfactory.generative.aegmm import add_residual, fit_densities  # noqa: E402
 from fedfactory.generative.train import build_network, fit_network, manifest_fields, plan_training  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.modules.files import module_to_bytes  # noqa: E402
@@ -77,9 +77,7 @@ def reconstructions(saved: dict, images: np.ndarray, seed: int) -> np.ndarray:
     x = torch.cat([ae(torch.from_numpy(to_float(images[i:i + 1000]))) for i in range(0, len(images), 1000)])
     r = m["network"].get("residual_rank", 0)
     if r:
-        t = saved["tensors"]
-        noise = torch.randn(len(x), r, generator=torch.Generator().manual_seed(seed))
-        x = x + t["residual.mean"] + (noise @ t["residual.basis"].flatten(1)).reshape(x.shape)
+        x = add_residual(x, saved["tensors"], torch.randn(len(x), r, generator=torch.Generator().manual_seed(seed)))
     return to_uint8(x.clamp(-1, 1).numpy())
 
 

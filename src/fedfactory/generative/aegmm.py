@@ -326,6 +326,11 @@ def decode_samples(decoder: nn.Module, tensors: dict[str, torch.Tensor], noise: 
     device = next(decoder.parameters()).device
     x = decoder(sample_latents(mixture, noise[:, :d], uniform).float().to(device)).cpu()
     if r:
-        basis = tensors["residual.basis"].flatten(1)  # (r, C*H*W)
-        x = x + tensors["residual.mean"] + (noise[:, d + 1:].float() @ basis).reshape(x.shape)
+        x = add_residual(x, tensors, noise[:, d + 1:].float())
     return to_uint8(x.clamp(-1, 1).numpy())
+
+
+def add_residual(x: torch.Tensor, tensors: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+    """Decoded images (B, C, H, W) plus one draw of fit_residual's model per image, from normal noise (B, r)."""
+    basis = tensors["residual.basis"].flatten(1)  # (r, C*H*W)
+    return x + tensors["residual.mean"] + (noise @ basis).reshape(x.shape)
