@@ -209,7 +209,7 @@ _RAW_WRITES = re.compile(r"\.write_text\(|\.write_bytes\(|\bsave_file\(|torch\.s
 
 _PACKAGE = REPO / "src" / "fedfactory"
 _WRITERS = sorted({*(_PACKAGE / "federation").glob("*.py"), *(_PACKAGE / "report").glob("*.py"),
-                   _PACKAGE / "flower" / "server_app.py"})
+                   _PACKAGE / "flower" / "server_app.py", _PACKAGE / "flower" / "site_rounds.py"})
 
 
 @pytest.mark.parametrize("path", [p for p in _WRITERS if p.exists()], ids=lambda p: str(p.relative_to(_PACKAGE)))

@@ -44,7 +44,8 @@ from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_partition, node_site, node_threads, site_data  # noqa: E402
 from fedfactory.flower.run_config import parse_run_config  # noqa: E402
-from fedfactory.flower.server_app import collect, expert_modules, serve, site_counts  # noqa: E402
+from fedfactory.flower.server_app import collect, serve  # noqa: E402
+from fedfactory.flower.site_rounds import expert_modules, site_counts  # noqa: E402
 from fedfactory.flower.wire import CLIENT, COUNTS, MODULES, counts_content, task_content  # noqa: E402
 from fedfactory.metrics import MAX_TEST_IMAGES, evaluate, score_counts  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402

@@ -27,7 +27,8 @@ from fedfactory.federation.runner import run  # noqa: E402
 from fedfactory.flower import loopback, wire  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.run_config import FlowerConfig, default_run_config, parse_run_config  # noqa: E402
-from fedfactory.flower.server_app import collect, exchange, serve  # noqa: E402
+from fedfactory.flower.server_app import collect, serve  # noqa: E402
+from fedfactory.flower.transport import exchange  # noqa: E402
 from fedfactory.flower.wire import CLIENT, MODULE_STYPE, MODULES, task_content  # noqa: E402
 
 pytestmark = pytest.mark.flower

@@ -168,7 +168,7 @@ def task_content(config_hash: str, skip: list[str], skip_counts: list[int] | Non
 
 
 def expert_task_content(config_hash: str, input_blur: float, modules: dict[str, bytes]) -> RecordDict:
-    """Local mode's second round: the modules a site synthesizes from (server_app.expert_modules); the site trains
+    """Local mode's second round: the modules a site synthesizes from (site_rounds.expert_modules); the site trains
     its expert on real + synthetic data."""
     return RecordDict({TASK: ConfigRecord({"config-hash": config_hash, "stage": EXPERT_STAGE,
                                            "input-blur": input_blur}),
