@@ -297,6 +297,12 @@ def test_a_module_is_refused_when_its_payload_or_count_disagrees(client_modules)
     other = load_config("tiny", ["generator.steps=3", "generator.min_samples=20"])
     got = accept_train([Arrival(7, client_reply(0, client_modules))], partition_roster(), other)
     assert len(got.rejected) == 2 and "2 steps" in got.rejected[0]["reason"]
+    # A count no private module can be trained on under the run's budget: the module's plan refuses it, the round
+    # goes on (a site's claimed counts cannot stop the server).
+    private = load_config("tiny", ["generator.steps=2", "generator.min_samples=20", "privacy.epsilon=8",
+                                   "privacy.delta=0.05"])
+    got = accept_train([Arrival(7, client_reply(0, client_modules))], partition_roster(), private)
+    assert len(got.rejected) == 2 and "is not below 1/n = 1/30" in got.rejected[0]["reason"]
 
 
 def test_bad_release_records_are_refused_and_the_modules_still_judged_on_their_own(client_modules):

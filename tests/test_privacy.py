@@ -15,6 +15,7 @@ from fedfactory.cli import main
 from fedfactory.config import ConfigError, load_config
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import trained_as_asked
+from fedfactory.federation.plan import manifest_plan
 from fedfactory.federation.runner import run
 from fedfactory.federation.unlearning import unlearn
 from fedfactory.generative.aegmm import PRIVATE_BLUR_SIGMA, AutoEncoder
@@ -32,6 +33,11 @@ from fedfactory.privacy.accounting import (
 from fedfactory.privacy.dp import clip_rows, gaussian_release, noisy_gradient, plan_privacy, poisson_batch
 from fedfactory.registry import Module, load_registry
 from fedfactory.report import render_report
+
+
+def reuse_reason(manifest: dict, cfg) -> str | None:
+    """factory.trained_as_asked against the plan of the manifest's own cell under cfg, as a server judges a module."""
+    return trained_as_asked(manifest, manifest_plan(cfg, manifest), cfg.generator)
 
 
 def analytic_gaussian_delta(mu: float, eps: float) -> float:
@@ -202,11 +208,11 @@ def test_private_and_plain_modules_are_never_reused_for_each_other(private_run, 
     cfg, _, out = private_run
     private = load_registry(out / "modules")[0].manifest
     plain = load_registry(tiny_run / "modules")[0].manifest
-    assert trained_as_asked(private, cfg) is None
-    assert "dp_epsilon" in trained_as_asked(private, load_config("tiny"))
-    assert "dp_epsilon" in trained_as_asked(plain, cfg)
-    assert "dp_epsilon" in trained_as_asked(private, load_config("tiny", ["privacy.epsilon=4"]))
-    assert "dp_method" in trained_as_asked(private, load_config("tiny", ["privacy.epsilon=8", "privacy.method=dp-sgd"]))
+    assert reuse_reason(private, cfg) is None
+    assert "dp_epsilon" in reuse_reason(private, load_config("tiny"))
+    assert "dp_epsilon" in reuse_reason(plain, cfg)
+    assert "dp_epsilon" in reuse_reason(private, load_config("tiny", ["privacy.epsilon=4"]))
+    assert "dp_method" in reuse_reason(private, load_config("tiny", ["privacy.epsilon=8", "privacy.method=dp-sgd"]))
 
 
 def test_dp_sgd_modules_compose_sgd_and_moments_in_one_guarantee():
@@ -317,7 +323,7 @@ def test_a_private_run_refuses_modules_that_vouch_for_themselves(private_run, ti
     cfg, _, out = private_run
     manifest = load_registry(out / "modules")[0].manifest
     p = manifest["privacy"]
-    assert guarantee_problem(p, 8.0, 1e-5) is None and trained_as_asked(manifest, cfg) is None
+    assert guarantee_problem(p, 8.0, 1e-5) is None and reuse_reason(manifest, cfg) is None
     weaker_noise = p | {"mechanisms": [p["mechanisms"][0] | {"noise_std": p["mechanisms"][0]["noise_std"] / 2}]}
     cases = {
         "no privacy block": ({k: v for k, v in manifest.items() if k != "privacy"}, "carries no privacy guarantee"),
@@ -329,13 +335,13 @@ def test_a_private_run_refuses_modules_that_vouch_for_themselves(private_run, ti
         "no mechanisms": (manifest | {"privacy": p | {"mechanisms": []}}, "lists no mechanism"),
     }
     for name, (tampered, message) in cases.items():
-        reason = trained_as_asked(tampered, cfg)
+        reason = reuse_reason(tampered, cfg)
         assert reason is not None and message in reason, (name, reason)
     # A plain module whose training fields claim privacy still lacks the guarantee.
     plain = load_registry(tiny_run / "modules")[0].manifest
     claimed = plain | {"training": plain["training"] | {k: v for k, v in manifest["training"].items()
                                                          if k.startswith("dp_")}}
-    assert "no privacy guarantee" in trained_as_asked(claimed, cfg)
+    assert "no privacy guarantee" in reuse_reason(claimed, cfg)
 
 
 def test_gaussian_release_draws_the_stated_std():

@@ -4,11 +4,11 @@ the product of experts, and the bytes each client sends and receives."""
 import numpy as np
 import torch
 
-from fedfactory.config import Config
+from fedfactory.config import GeneratorConfig
 from fedfactory.data.images import ImageDataset
 from fedfactory.errors import FedFactoryError
-from fedfactory.federation.plan import module_seed
-from fedfactory.generative.train import network_config, requested_training, sample_module
+from fedfactory.federation.plan import ModulePlan
+from fedfactory.generative.train import network_config, sample_module
 from fedfactory.privacy.accounting import guarantee_problem
 from fedfactory.progress import progress as progress_bar
 from fedfactory.registry import Module
@@ -18,13 +18,15 @@ class SynthesisError(FedFactoryError, ValueError):
     """The modules cannot make a synthetic set: none at all, or image shapes that disagree."""
 
 
-def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
-    """Why a valid module was not trained as cfg asks (family, network, steps, seed, recipe), or None if it was."""
-    t, g = manifest["training"], cfg.generator
-    seed = module_seed(cfg.run.seed, manifest["client_id"], manifest["class_id"])
-    # The steps follow the module's image count when generator.steps_per_image is set (train.planned_steps).
-    asked = (requested_training(g, manifest["num_samples"], seed, cfg.privacy) if manifest["family"] == g.family
-             else {})
+def trained_as_asked(manifest: dict, plan: ModulePlan, g: GeneratorConfig) -> str | None:
+    """Why a valid module was not trained as its plan asks (family, network, steps, seed, recipe, privacy), or None
+    if it was. The caller passes the module's one plan (federation/plan.py), the one its training read."""
+    if plan.module_id != manifest["module_id"]:
+        raise ValueError(f"the plan of {plan.module_id} cannot judge module {manifest['module_id']}")
+    t, training = manifest["training"], plan.training
+    seed = training.seed
+    # The plan's steps follow its image count when generator.steps_per_image is set (train.planned_steps).
+    asked = dict(training.requested) if manifest["family"] == training.family else {}
     # .get: the artifact schema requires only steps and seed, so a module may lack the other training fields.
     if not asked or t.get("steps") != asked["steps"] or t.get("batch_size") != g.batch_size:
         return (f"trained as {manifest['family']} with {t.get('steps')} steps, batch {t.get('batch_size')}; "
@@ -40,9 +42,9 @@ def trained_as_asked(manifest: dict, cfg: Config) -> str | None:
                if k.startswith("dp_") and k not in asked]
     if differ:
         return f"trained with {', '.join(differ)}"
-    if cfg.privacy.epsilon > 0:
+    if training.privacy is not None:
         # A manifest does not vouch for itself: its mechanisms are recomputed by the accountant against the run's ask.
-        problem = guarantee_problem(manifest.get("privacy"), cfg.privacy.epsilon, cfg.privacy.delta)
+        problem = guarantee_problem(manifest.get("privacy"), training.privacy.target_epsilon, training.privacy.delta)
         if problem:
             return f"not the guarantee the run asks: {problem}"
     return None

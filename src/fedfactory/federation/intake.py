@@ -23,6 +23,7 @@ from fedfactory.config import Config, ConfigError
 from fedfactory.data.partition import implied_cells
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.factory import trained_as_asked
+from fedfactory.federation.plan import manifest_plan
 from fedfactory.federation.records import (
     Arrival,
     Claim,
@@ -41,6 +42,7 @@ from fedfactory.metrics import NUM_BINS, check_counts
 from fedfactory.modules.files import module_from_bytes
 from fedfactory.modules.ids import is_site_name, module_id
 from fedfactory.modules.refusal import ModuleError
+from fedfactory.privacy.accounting import PrivacyBudgetError
 from fedfactory.registry import module_spec
 
 # A site's images of one class or of its test set, as it reports them: far beyond any real site, and small enough
@@ -212,7 +214,11 @@ def check_module(payload: Payload, cells: Mapping[str, int], cfg: Config, source
         raise ModuleError(f"{source}: its manifest says {manifest['module_id']}")
     if reason := module_count_reason(manifest, cells[payload.module_id], whose):
         raise ModuleError(f"{source}: {reason}")
-    if reason := trained_as_asked(manifest, cfg):
+    try:
+        plan = manifest_plan(cfg, manifest)
+    except PrivacyBudgetError as e:  # a count no private module can be trained on under this run's budget
+        raise ModuleError(f"{source}: {e}") from None
+    if reason := trained_as_asked(manifest, plan, cfg.generator):
         raise ModuleError(f"{source}: {reason}")
     return manifest
 

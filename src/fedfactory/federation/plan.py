@@ -1,8 +1,9 @@
 """One frozen plan per module, built once per run before any module trains (docs/architecture.md).
 
 A module's plan is its id, the seed derived from the root seed and its cell, and its training plan (steps, the
-manifest fields the run asks, the DP mechanisms and their noise). Training reads the plan; reusing a kept module
-compares its manifest with the same fields (factory.trained_as_asked), so nothing is planned twice.
+manifest fields the run asks, the DP mechanisms and their noise). Training reads the plan, and reuse reads it too:
+factory.trained_as_asked compares a module's manifest with its plan, the runner's plan of the cell or, for a module
+this run did not plan (at a server, or kept from an attempt on other images), `manifest_plan`.
 """
 
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ def plan_module(cfg: Config, client_id: int | str, class_id: int, num_images: in
     training = plan_training(cfg.generator, num_images, module_seed(cfg.run.seed, client_id, class_id), cfg.privacy,
                              desc=mid)
     return ModulePlan(mid, client_id, class_id, training)
+
+
+def manifest_plan(cfg: Config, manifest: dict) -> ModulePlan:
+    """The plan of the cell a module's manifest names, for the images it says it was trained on: what this run asks of
+    a module it did not plan (one arriving at a server, or kept from an attempt on other images)."""
+    return plan_module(cfg, manifest["client_id"], manifest["class_id"], manifest["num_samples"])
 
 
 def plan_modules(cfg: Config, cells: dict[tuple[int | str, int], int]) -> dict[str, ModulePlan]:

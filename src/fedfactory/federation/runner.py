@@ -8,9 +8,10 @@ load data -> partition -> client modules (G_{k,c}, one file each) -> synthesis -
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -38,11 +39,12 @@ from fedfactory.federation.intake import (
     reusable_modules,
     trust_record,
 )
-from fedfactory.federation.plan import ModulePlan, plan_modules
+from fedfactory.federation.plan import ModulePlan, manifest_plan, plan_modules
 from fedfactory.metrics import evaluate, format_table
 from fedfactory.modules.files import save_module, tensors_to_bytes
 from fedfactory.modules.ids import client_name, module_filename
 from fedfactory.modules.refusal import ModuleError
+from fedfactory.privacy.accounting import PrivacyBudgetError
 from fedfactory.registry import Module, load_registry, load_registry_file
 from fedfactory.report import write_report, write_samples_png
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging
@@ -79,17 +81,26 @@ def write_partition(ctx: RunContext) -> None:
              format_histogram(hist, train.class_names))
 
 
-def kept_modules(modules_dir: Path, cfg: Config) -> dict[str, int]:
+def kept_modules(modules_dir: Path, cfg: Config,
+                 plans: Mapping[str, ModulePlan] = MappingProxyType({})) -> dict[str, int]:
     """Module id -> images trained on, for every finished module of an earlier attempt that validates and was trained
-    as asked; intake.reusable_modules picks the ones a holder may skip (trained on as many images as it holds now)."""
+    as asked; intake.reusable_modules picks the ones a holder may skip (trained on as many images as it holds now).
+
+    `plans`: the run's plans by module id, where it has made them. A module is judged by its cell's plan when that is
+    for the images it was trained on, else by plan.manifest_plan: kept here, reusable_modules then says why it
+    retrains (the partition holds other images).
+    """
     kept = {}
     for path in sorted(Path(modules_dir).glob("*.safetensors")):
         try:
             manifest = load_registry_file(path).manifest
-        except ModuleError as e:
+            plan = plans.get(manifest["module_id"])
+            if plan is None or plan.num_images != manifest["num_samples"]:
+                plan = manifest_plan(cfg, manifest)
+        except (ModuleError, PrivacyBudgetError) as e:
             log.info("retraining %s: %s", path.name, e)
             continue
-        if reason := trained_as_asked(manifest, cfg):
+        if reason := trained_as_asked(manifest, plan, cfg.generator):
             log.info("retraining %s: %s", path.name, reason)
             continue
         kept[manifest["module_id"]] = manifest["num_samples"]
@@ -113,7 +124,7 @@ def train_all_modules(ctx: RunContext) -> None:
     # before any training is wasted, and training and reuse read the same plan.
     hist = class_histogram(train.labels, parts, train.num_classes)
     plans = plan_modules(cfg, implied_cells(hist, cfg.generator.min_samples))
-    kept = kept_modules(out / "modules", cfg)
+    kept = kept_modules(out / "modules", cfg, plans)
     reusable = set(reusable_modules(kept, {mid: p.num_images for mid, p in plans.items()}))
 
     def reuse(plan: ModulePlan) -> bool:

@@ -114,8 +114,9 @@ def planned_steps(cfg: GeneratorConfig, num_images: int) -> int:
 
 def requested_training(cfg: GeneratorConfig, num_images: int, seed: int,
                        privacy: PrivacyConfig = NO_PRIVACY) -> dict:
-    """The manifest's training fields that a config and a class size fix: a module whose manifest disagrees
-    with these was not trained as asked (a non-private module is never what a private run asked for)."""
+    """The manifest's training fields that a config and a class size fix, read once into TrainingPlan.requested by
+    plan_training: a module whose manifest disagrees with its plan's was not trained as asked (a non-private module
+    is never what a private run asked for)."""
     fields = {"steps": planned_steps(cfg, num_images), "seed": seed, "batch_size": cfg.batch_size, "lr": cfg.lr}
     if adversarial(cfg):
         fields |= {"adversarial": cfg.adversarial, "adversarial_start": cfg.adversarial_start}
