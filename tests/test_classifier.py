@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedfactory.classifier import GaussianBlur, TrainingError, augment, random_blur, train_classifier
+from fedfactory.classifier import (
+    GaussianBlur,
+    TrainingError,
+    augment,
+    mix_batch,
+    predict_proba,
+    random_blur,
+    train_classifier,
+)
 from fedfactory.config import ClassifierConfig, ConfigError, load_config
 from fedfactory.errors import FedFactoryError
 
@@ -58,6 +66,8 @@ def test_non_finite_loss_stops_training_at_its_step():
 
 @pytest.mark.parametrize("override, message", [
     ("classifier.noise_std=-0.1", "classifier.noise_std=-0.1: must be >= 0"),
+    ("classifier.mix=blend", "classifier.mix='blend': valid values are none, mixup, cutmix"),
+    ("classifier.mix_alpha=0", "classifier.mix_alpha=0.0: must be > 0"),
     ("generator.adversarial=-1", "generator.adversarial=-1.0: must be >= 0"),
     ("generator.adversarial_start=2", "generator.adversarial_start=2.0: must lie in [0, 1]"),
     ("generator.steps_per_image=-0.5", "generator.steps_per_image=-0.5: must be >= 0"),
@@ -66,3 +76,34 @@ def test_augmentation_and_generator_budget_keys_refuse_bad_values(override, mess
     with pytest.raises(ConfigError) as e:
         load_config("tiny", [override])
     assert str(e.value).startswith(message)
+
+
+def test_mixup_blends_images_by_lambda_with_a_seeded_partner():
+    x = torch.rand(16, 1, 8, 8)
+    mixed, partner, lam = mix_batch(x, "mixup", 0.4, torch.Generator().manual_seed(3))
+    again = mix_batch(x, "mixup", 0.4, torch.Generator().manual_seed(3))
+    assert torch.equal(mixed, again[0]) and torch.equal(partner, again[1]) and lam == again[2]
+    assert 0 < lam < 1 and sorted(partner.tolist()) == list(range(16))
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[partner])
+
+
+def test_cutmix_lambda_is_the_share_of_pixels_each_image_keeps():
+    # Distinct images (each a constant of its own) show which pixels came from the partner.
+    x = torch.arange(16, dtype=torch.float32)[:, None, None, None].expand(16, 1, 10, 10).clone()
+    for seed in range(20):
+        mixed, partner, lam = mix_batch(x, "cutmix", 1.0, torch.Generator().manual_seed(seed))
+        own = (mixed == x).float().mean(dim=(1, 2, 3))
+        moved = partner != torch.arange(16)  # an image paired with itself keeps every pixel
+        assert torch.allclose(own[moved], torch.full_like(own[moved], lam))
+        assert torch.equal(mixed[~(mixed == x)], x[partner].expand_as(x)[~(mixed == x)])
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_a_classifier_trained_on_mixed_pairs_still_learns_a_separable_task(mix):
+    # Class 1 is bright, class 0 dark: mixing blurs the pairs, not the rule.
+    rng = np.random.default_rng(0)
+    labels = np.arange(256) % 2
+    images = (rng.integers(0, 90, (256, 8, 8, 1)) + 160 * labels[:, None, None, None]).astype(np.uint8)
+    cfg = replace(TINY, epochs=4, mix=mix)
+    model = train_classifier(images, labels, 2, cfg, 0, torch.device("cpu"), progress=False)
+    assert (predict_proba(model, images, torch.device("cpu")).argmax(1) == labels).mean() > 0.95

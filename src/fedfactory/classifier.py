@@ -114,6 +114,34 @@ def augment(x: torch.Tensor, kind: str, gen: torch.Generator, noise_std: float =
     return x
 
 
+def mix_batch(x: torch.Tensor, kind: str, alpha: float, gen: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mixed batch, partner index, lambda): every image mixed with the image at partner[i], the loss then
+    lambda * CE(y) + (1 - lambda) * CE(y[partner]).
+
+    mixup (Zhang et al. 2018): x' = lambda x + (1 - lambda) x[partner]. cutmix (Yun et al. 2019): a box of area
+    (1 - lambda) of the image, centred uniformly and clipped at the borders, comes from the partner; lambda is then
+    the share of pixels left, so the labels weigh what the image shows. lambda ~ Beta(alpha, alpha), one per batch.
+    """
+    b, _, h, w = x.shape
+    # Beta(a, a) as G1 / (G1 + G2) of two Gamma(a) draws: torch's Beta sampler takes no Generator.
+    g = torch._standard_gamma(torch.full((2,), float(alpha)), generator=gen)
+    lam = float(g[0] / g.sum())
+    partner = torch.randperm(b, generator=gen).to(x.device)
+    if kind == "mixup":
+        return lam * x + (1 - lam) * x[partner], partner, lam
+    if kind != "cutmix":
+        raise ValueError(f"mix={kind!r}: valid values are mixup, cutmix")
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = (int(v) for v in torch.randint(0, h, (1,), generator=gen).tolist() +
+              torch.randint(0, w, (1,), generator=gen).tolist())
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[partner, :, y0:y1, x0:x1]
+    return x, partner, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ClassifierConfig,
                      seed: int, device: torch.device, desc: str = "classifier", progress: bool = True,
                      input_blur: float = 0.0) -> nn.Module:
@@ -142,8 +170,14 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
             x = torch.from_numpy(to_float(images[b.numpy()]))
             x = augment(x, cfg.augment, gen, cfg.noise_std).to(device) if cfg.augment != "none" else x.to(device)
             y = y_all[b].to(device)
+            if cfg.mix != "none":
+                x, partner, lam = mix_batch(x, cfg.mix, cfg.mix_alpha, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                out = model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+                if cfg.mix != "none":
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(out, y[partner],
+                                                                    label_smoothing=cfg.label_smoothing)
             # Stop at the first bad step: a NaN loss turns every weight NaN, and the epochs after it are wasted.
             # One scalar per step; on CUDA the check costs a host-device sync per step.
             if not torch.isfinite(loss):

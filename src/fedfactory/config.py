@@ -85,6 +85,10 @@ class ClassifierConfig:
     label_smoothing: float = 0.1
     augment: str = "none"  # none, or any of flip, crop, blur, noise joined by "+" (AUGMENTATIONS)
     noise_std: float = 0.2  # augment "noise": the largest per-image noise standard deviation ([-1, 1] pixels)
+    # Mixed training pairs (classifier.mix_batch): "mixup" (Zhang et al. 2018) blends two images and their labels,
+    # "cutmix" (Yun et al. 2019) pastes a box of one into the other; lambda ~ Beta(mix_alpha, mix_alpha) per batch.
+    mix: str = "none"
+    mix_alpha: float = 1.0
     # batch | group. BatchNorm fails under label skew (Hsieh et al. 2020, "The Non-IID Data Quagmire"): a
     # one-class client's batch statistics are not the federation's. GroupNorm has no statistics to average.
     norm: str = "batch"
@@ -160,6 +164,7 @@ CHOICES = {
     ("classifier", "combine"): ("product", "holders"),
     ("synthesis", "local_synthetic"): ("missing", "all"),
     ("classifier", "norm"): ("batch", "group"),
+    ("classifier", "mix"): ("none", "mixup", "cutmix"),
     ("baselines", "weighting"): ("samples", "uniform"),
     ("privacy", "method"): ("embedding", "dp-sgd"),
 }
@@ -237,6 +242,9 @@ def _validate(cfg: Config) -> Config:
                           f"{', '.join(AUGMENTATIONS)} joined by '+' (e.g. crop+flip)")
     if cfg.classifier.noise_std < 0:
         raise ConfigError(f"classifier.noise_std={cfg.classifier.noise_std}: must be >= 0")
+    if cfg.classifier.mix_alpha <= 0:
+        raise ConfigError(f"classifier.mix_alpha={cfg.classifier.mix_alpha}: must be > 0 (classifier.mix=none turns "
+                          "mixing off)")
     if cfg.generator.steps_per_image < 0:
         raise ConfigError(f"generator.steps_per_image={cfg.generator.steps_per_image}: must be >= 0 "
                           "(0 trains every module generator.steps)")
