@@ -95,6 +95,10 @@ def main():
     p.add_argument("--save-log-probs", default="",
                    help="local mode: also write every expert's validation log-probabilities to this .npz")
     p.add_argument("--classes", default="", help="only these classes (module timing only)")
+    p.add_argument("--root-seed", type=int, default=0, help="root seed of the modules' training seeds (cache key)")
+    p.add_argument("--with", dest="extra", default="",
+                   help="also synthesize from this cached variant's modules (several modules per cell): each class's "
+                        "images are split between its modules in proportion to their image counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
     p.add_argument("--out", default="benchmarks/runs/quality")
     p.add_argument("--results", default="benchmarks/results/quality-sweep.jsonl")
@@ -110,17 +114,24 @@ def main():
     fit_rows, val_rows = validation_split(train.labels)
     fit, val = train.subset(fit_rows), train.subset(val_rows)
 
-    out = Path(args.out) / args.variant
-    out.mkdir(parents=True, exist_ok=True)
     modules, train_s, sizes, blurs = [], [], [], []
-    for c in range(train.num_classes):
+    sets = [(args.variant, 0)] + ([(args.extra, train.num_classes)] if args.extra else [])
+    for (variant, client0), c in ((v, c) for v in sets for c in range(train.num_classes)):
+        # A second set's module of class c comes from a virtual client c + 10, so module ids stay distinct.
+        out = Path(args.out) / variant
+        out.mkdir(parents=True, exist_ok=True)
         path = out / f"class-{c}.pt"
         if path.exists():
             saved = torch.load(path, weights_only=False)
+            if client0:
+                saved["manifest"] = {**saved["manifest"], "module_id": module_id(client0 + c, c),
+                                     "client_id": client0 + c}
+        elif client0:
+            raise SystemExit(f"--with {variant}: no cached module {path}; train that variant first")
         else:
             images = fit.images[fit.labels == c]
             t0 = time.perf_counter()
-            plan = plan_training(gcfg, len(images), derive_seed(0, "train", c, c))
+            plan = plan_training(gcfg, len(images), derive_seed(args.root_seed, "train", c, c))
             tensors, fields = train_module(images, gcfg, plan, device, desc=f"class {c}", progress=False)
             seconds = time.perf_counter() - t0
             manifest = {"module_id": module_id(c, c), "client_id": c, "class_id": c,
@@ -164,7 +175,8 @@ def main():
                                      progress=False, input_blur=sigma)
             proba = predict_proba(model, val.images, device)
         m = evaluate(proba, val.labels, val.class_names)
-        row = {"variant": args.variant, "generator": overrides, "classifier": cls,
+        row = {"variant": args.variant + (f"+{args.extra}" if args.extra else ""), "generator": overrides,
+               "classifier": cls,
                "mode": "local" if args.local else "server", "tag": args.tag,
                "local_synthetic": args.local_synthetic if args.local else None,
                "residual_rank": modules[0][0]["network"].get("residual_rank", 0),
