@@ -33,6 +33,9 @@ def test_a_module_is_reused_only_if_every_recorded_choice_matches():
         return trained_as_asked(manifest, manifest_plan(other, manifest), other.generator)
 
     assert "200 steps" in reason("generator.steps_per_image=10")
+    assert reason("generator.batch_size=16").endswith("the run asks aegmm, 200 steps, batch 16")
+    # Another family: the message names that family's planned steps (steps_per_image), not generator.steps.
+    assert reason("generator.family=edm").endswith("the run asks edm, 200 steps, batch 8")
     assert "network" in reason("generator.channels=8")
     assert "adversarial=0.2" in reason("generator.adversarial=0.3")
     assert "seed" in reason("run.seed=1")

@@ -20,17 +20,18 @@ class SynthesisError(FedFactoryError, ValueError):
 
 def trained_as_asked(manifest: dict, plan: ModulePlan, g: GeneratorConfig) -> str | None:
     """Why a valid module was not trained as its plan asks (family, network, steps, seed, recipe, privacy), or None
-    if it was. The caller passes the module's one plan (federation/plan.py), the one its training read."""
+    if it was. The caller passes the module's one plan (federation/plan.py), the one its training read; `g` gives
+    only the network the run builds for the module's image shape (the plan does not know the shape)."""
     if plan.module_id != manifest["module_id"]:
         raise ValueError(f"the plan of {plan.module_id} cannot judge module {manifest['module_id']}")
     t, training = manifest["training"], plan.training
-    seed = training.seed
+    seed, asked = training.seed, dict(training.requested)
     # The plan's steps follow its image count when generator.steps_per_image is set (train.planned_steps).
-    asked = dict(training.requested) if manifest["family"] == training.family else {}
     # .get: the artifact schema requires only steps and seed, so a module may lack the other training fields.
-    if not asked or t.get("steps") != asked["steps"] or t.get("batch_size") != g.batch_size:
+    if (manifest["family"] != training.family or t.get("steps") != asked["steps"]
+            or t.get("batch_size") != asked["batch_size"]):
         return (f"trained as {manifest['family']} with {t.get('steps')} steps, batch {t.get('batch_size')}; "
-                f"the run asks {g.family}, {asked.get('steps', g.steps)} steps, batch {g.batch_size}")
+                f"the run asks {training.family}, {asked['steps']} steps, batch {asked['batch_size']}")
     if t.get("seed") != seed:
         return f"trained with seed {t.get('seed')}, the run derives {seed}"
     net = network_config(g, tuple(manifest["image_shape"]))
