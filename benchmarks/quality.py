@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fedfactory.generative.train as train_lib  # noqa: E402
+import fedfactory.privacy.dp as dp  # noqa: E402
 from fedfactory.classifier import predict_log_proba, predict_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
@@ -84,6 +86,7 @@ def main():
     p.add_argument("--config", default="fashion-mnist")
     p.add_argument("--set", nargs="*", default=[], help="generator overrides key=value")
     p.add_argument("--cls", nargs="*", default=[], help="classifier overrides key=value")
+    p.add_argument("--privacy", nargs="*", default=[], help="privacy overrides key=value (private modules)")
     p.add_argument("--tag", default="", help="name of the classifier recipe in the results")
     p.add_argument("--blur", default="", help="classifier input blur sigmas (default: the clients' mean)")
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per class")
@@ -99,14 +102,24 @@ def main():
     p.add_argument("--with", dest="extra", default="",
                    help="also synthesize from this cached variant's modules (several modules per cell): each class's "
                         "images are split between its modules in proportion to their image counts")
+    p.add_argument("--dp-constant", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="exploration only: set a module constant of the private embedding (RFF_FEATURES, "
+                        "RFF_SCALES in privacy/dp.py; EMBEDDING_BATCH in generative/train.py) for this variant")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
     p.add_argument("--out", default="benchmarks/runs/quality")
     p.add_argument("--results", default="benchmarks/results/quality-sweep.jsonl")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    for item in args.dp_constant:
+        name, value = item.split("=", 1)
+        owner = next((m for m in (dp, train_lib) if hasattr(m, name)), None)
+        if owner is None or not name.isupper():
+            raise SystemExit(f"--dp-constant {name}: not a constant of privacy/dp.py or generative/train.py")
+        setattr(owner, name, type(getattr(owner, name))(json.loads(value)))
     device = torch.device("cpu")
     # The package's own override parser: types are checked and an unknown key is refused with the valid ones.
     cfg = load_config(args.config, [f"generator.{s}" for s in args.set] + [f"classifier.{s}" for s in args.cls]
+                      + [f"privacy.{s}" for s in args.privacy]
                       + [f"classifier.epochs={args.epochs}", f"synthesis.local_synthetic={args.local_synthetic}"])
     gcfg, ccfg = cfg.generator, cfg.classifier
     overrides = {k: getattr(gcfg, k) for k, _ in (s.split("=", 1) for s in args.set)}
@@ -131,7 +144,7 @@ def main():
         else:
             images = fit.images[fit.labels == c]
             t0 = time.perf_counter()
-            plan = plan_training(gcfg, len(images), derive_seed(args.root_seed, "train", c, c))
+            plan = plan_training(gcfg, len(images), derive_seed(args.root_seed, "train", c, c), cfg.privacy)
             tensors, fields = train_module(images, gcfg, plan, device, desc=f"class {c}", progress=False)
             seconds = time.perf_counter() - t0
             manifest = {"module_id": module_id(c, c), "client_id": c, "class_id": c,
@@ -177,6 +190,8 @@ def main():
         m = evaluate(proba, val.labels, val.class_names)
         row = {"variant": args.variant + (f"+{args.extra}" if args.extra else ""), "generator": overrides,
                "classifier": cls,
+               "dp_constants": args.dp_constant,
+               "privacy": {k: getattr(cfg.privacy, k) for k, _ in (s.split("=", 1) for s in args.privacy)},
                "mode": "local" if args.local else "server", "tag": args.tag,
                "local_synthetic": args.local_synthetic if args.local else None,
                "residual_rank": modules[0][0]["network"].get("residual_rank", 0),
