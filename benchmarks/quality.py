@@ -76,6 +76,22 @@ def summary(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def set_dp_constants(items: list[str]) -> None:
+    """--dp-constant NAME=VALUE: set an upper-case constant of privacy/dp.py or generative/train.py, for exploration
+    only (a module trained so is not what the package would train; its row records the constants)."""
+    for item in items:
+        name, sep, value = item.partition("=")
+        owner = next((m for m in (dp, train_lib) if hasattr(m, name)), None)
+        if not sep or owner is None or not name.isupper():
+            raise SystemExit(f"--dp-constant {item!r}: expected NAME=VALUE with NAME a constant of privacy/dp.py or "
+                             "generative/train.py, e.g. EMBEDDING_BATCH=64")
+        try:
+            setattr(owner, name, type(getattr(owner, name))(json.loads(value)))
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"--dp-constant {item!r}: {value!r} is not a JSON value of {name}'s type "
+                             f"({type(getattr(owner, name)).__name__}): {e}") from None
+
+
 def main():
     if sys.argv[1:2] == ["--summary"]:
         results = Path("benchmarks/results/quality-sweep.jsonl")
@@ -110,12 +126,7 @@ def main():
     p.add_argument("--results", default="benchmarks/results/quality-sweep.jsonl")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    for item in args.dp_constant:
-        name, value = item.split("=", 1)
-        owner = next((m for m in (dp, train_lib) if hasattr(m, name)), None)
-        if owner is None or not name.isupper():
-            raise SystemExit(f"--dp-constant {name}: not a constant of privacy/dp.py or generative/train.py")
-        setattr(owner, name, type(getattr(owner, name))(json.loads(value)))
+    set_dp_constants(args.dp_constant)
     device = torch.device("cpu")
     # The package's own override parser: types are checked and an unknown key is refused with the valid ones.
     cfg = load_config(args.config, [f"generator.{s}" for s in args.set] + [f"classifier.{s}" for s in args.cls]
