@@ -4,8 +4,7 @@ Issue 22 bounds a private module's training time by twice a plain module's: timi
 what else the machine was doing, so this trains the recipes back to back on the same images and threads and prints
 their ratio to the first. Each recipe is a space-separated list of config overrides ("" = the config as it is).
 
-  python benchmarks/module_seconds.py --class 0 --threads 1 "" "privacy.epsilon=10 generator.residual_rank=0 \
-      generator.steps=1800 generator.steps_per_image=0.3 generator.lr=0.004"
+  python benchmarks/module_seconds.py --class 0 --threads 1 "" "privacy.epsilon=10 generator.residual_rank=0"
 """
 
 import argparse

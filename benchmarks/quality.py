@@ -84,7 +84,7 @@ def set_dp_constants(items: list[str]) -> None:
         owner = next((m for m in (dp, train_lib) if hasattr(m, name)), None)
         if not sep or owner is None or not name.isupper():
             raise SystemExit(f"--dp-constant {item!r}: expected NAME=VALUE with NAME a constant of privacy/dp.py or "
-                             "generative/train.py, e.g. EMBEDDING_BATCH=64")
+                             "generative/train.py, e.g. RFF_FEATURES=2048")
         try:
             setattr(owner, name, type(getattr(owner, name))(json.loads(value)))
         except (ValueError, TypeError) as e:
@@ -120,7 +120,8 @@ def main():
                         "images are split between its modules in proportion to their image counts")
     p.add_argument("--dp-constant", nargs="*", default=[], metavar="NAME=VALUE",
                    help="exploration only: set a module constant of the private embedding (RFF_FEATURES, "
-                        "RFF_SCALES in privacy/dp.py; EMBEDDING_BATCH in generative/train.py) for this variant")
+                        "RFF_SCALES in privacy/dp.py) for this variant; the decoder's steps, step size and latents "
+                        "per step are config keys (--privacy decoder_steps=... decoder_batch_size=...)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
     p.add_argument("--out", default="benchmarks/runs/quality")
     p.add_argument("--results", default="benchmarks/results/quality-sweep.jsonl")

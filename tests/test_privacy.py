@@ -1,5 +1,6 @@
 """Privacy: the accountant against independent numbers, the audit on modules built to leak or not, DP modules."""
 
+import dataclasses
 import json
 import math
 
@@ -238,6 +239,33 @@ def test_dp_sgd_modules_compose_sgd_and_moments_in_one_guarantee():
     assert all(torch.isfinite(v).all() for v in tensors.values())
 
 
+def test_the_embedding_decoder_has_its_own_budget_whatever_the_class_size(monkeypatch):
+    """The decoder fits only the release: privacy.decoder_* fix its steps, step size and latents per step for every
+    class size, and training uses exactly those; DP-SGD modules keep the generator's steps (they read images)."""
+    from fedfactory.generative import train as train_mod
+
+    cfg = load_config("tiny", ["privacy.epsilon=5", "privacy.decoder_steps=7", "privacy.decoder_lr=0.003",
+                               "privacy.decoder_batch_size=5", "generator.steps=1000", "generator.steps_per_image=0.2"])
+    for n in (60, 6000):
+        plan = plan_training(cfg.generator, n, 0, cfg.privacy)
+        assert (plan.steps, plan.lr, plan.batch_size) == (7, 0.003, 5)
+    sgd = dataclasses.replace(cfg.privacy, method="dp-sgd")
+    assert plan_training(cfg.generator, 2500, 0, sgd).steps == 500 and plan_training(cfg.generator, 2500, 0, sgd).lr \
+        == cfg.generator.lr
+    seen = []
+    real = train_mod.fit_embedding_decoder
+    monkeypatch.setattr(train_mod, "fit_embedding_decoder",
+                        lambda *a: seen.append(a[4:7]) or real(*a))
+    train, _ = load_dataset("digits", image_size=8)
+    images = train.images[train.labels == 3]
+    _, fields = train_module(images, cfg.generator, plan_training(cfg.generator, len(images), 0, cfg.privacy),
+                             torch.device("cpu"), progress=False)
+    assert seen == [(7, 5, 0.003)]
+    t = fields["training"]
+    assert (t["steps"], t["batch_size"], t["lr"]) == (7, 5, 0.003)
+    assert any("7 steps" in note for note in fields["privacy"]["notes"])
+
+
 def test_a_budget_the_steps_cannot_meet_is_refused_before_training(tmp_path):
     out = tmp_path / "refused"
     # 143 images, batch 32: 3000 steps at epsilon 0.5 would need far more noise than a useful module tolerates.
@@ -255,6 +283,9 @@ def test_a_budget_the_steps_cannot_meet_is_refused_before_training(tmp_path):
     ("privacy.delta=0", r"must lie in \(0, 1\)"),
     ("privacy.max_grad_norm=0", "must be > 0"),
     ("privacy.method=opacus", "valid values are embedding, dp-sgd"),
+    ("privacy.decoder_steps=0", "must be >= 1"),
+    ("privacy.decoder_batch_size=0", "must be >= 1"),
+    ("privacy.decoder_lr=0", "must be > 0"),
 ])
 def test_privacy_config_is_validated(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -337,10 +368,9 @@ def test_a_private_run_refuses_modules_that_vouch_for_themselves(private_run, ti
     for name, (tampered, message) in cases.items():
         reason = reuse_reason(tampered, cfg)
         assert reason is not None and message in reason, (name, reason)
-    # A plain module whose training fields claim privacy still lacks the guarantee.
+    # A plain module whose training fields all claim the private recipe still lacks the guarantee.
     plain = load_registry(tiny_run / "modules")[0].manifest
-    claimed = plain | {"training": plain["training"] | {k: v for k, v in manifest["training"].items()
-                                                         if k.startswith("dp_")}}
+    claimed = plain | {"training": plain["training"] | manifest["training"]}
     assert "no privacy guarantee" in reuse_reason(claimed, cfg)
 
 

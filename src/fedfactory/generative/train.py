@@ -117,7 +117,12 @@ def requested_training(cfg: GeneratorConfig, num_images: int, seed: int,
     """The manifest's training fields that a config and a class size fix, read once into TrainingPlan.requested by
     plan_training: a module whose manifest disagrees with its plan's was not trained as asked (a non-private module
     is never what a private run asked for)."""
-    fields = {"steps": planned_steps(cfg, num_images), "seed": seed, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    if privacy.epsilon > 0 and privacy.method == "embedding":
+        # The decoder fits the one release, never an image: its own budget, whatever the class size.
+        fields = {"steps": privacy.decoder_steps, "seed": seed, "batch_size": privacy.decoder_batch_size,
+                  "lr": privacy.decoder_lr}
+    else:
+        fields = {"steps": planned_steps(cfg, num_images), "seed": seed, "batch_size": cfg.batch_size, "lr": cfg.lr}
     if adversarial(cfg):
         fields |= {"adversarial": cfg.adversarial, "adversarial_start": cfg.adversarial_start}
     if privacy.epsilon > 0:
@@ -144,6 +149,14 @@ class TrainingPlan:
     def steps(self) -> int:
         return int(self.requested["steps"])
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.requested["batch_size"])
+
+    @property
+    def lr(self) -> float:
+        return float(self.requested["lr"])
+
 
 def plan_training(cfg: GeneratorConfig, num_images: int, seed: int, privacy: PrivacyConfig = NO_PRIVACY,
                   desc: str = "module") -> TrainingPlan:
@@ -151,20 +164,17 @@ def plan_training(cfg: GeneratorConfig, num_images: int, seed: int, privacy: Pri
     mechanism, a budget the requested steps cannot meet) before anything trains."""
     if num_images <= 0:
         raise ValueError(f"{desc}: no images to train on")
+    requested = MappingProxyType(requested_training(cfg, num_images, seed, privacy))
     dp = None
     if privacy.epsilon > 0:
         if cfg.family != "aegmm":
             raise ValueError(f"{desc}: privacy.epsilon is only supported for aegmm")
         try:
-            dp = plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images, cfg.batch_size,
-                              planned_steps(cfg, num_images), privacy.method, cfg.latent_dim)
+            dp = plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, num_images,
+                              requested["batch_size"], requested["steps"], privacy.method, cfg.latent_dim)
         except PrivacyBudgetError as e:
             raise PrivacyBudgetError(f"{desc}: {e}") from None
-    requested = MappingProxyType(requested_training(cfg, num_images, seed, privacy))
     return TrainingPlan(cfg.family, num_images, seed, requested, dp)
-
-
-EMBEDDING_BATCH = 128  # decoded latents per step: enough for their mean embedding to be a fair estimate
 
 
 def manifest_fields(cfg: GeneratorConfig, image_shape: tuple[int, int, int], plan: TrainingPlan, fields: dict,
@@ -188,8 +198,8 @@ def train_embedding_module(images: np.ndarray, cfg: GeneratorConfig, plan: Train
     embedding = noisy_embedding(images, frequencies, plan.privacy.noise_multiplier, secret_generator())
     torch.manual_seed(derive_seed(plan.seed, "init"))  # parameter init is the only use of the global generator
     model = build_network("aegmm", image_shape, network_config(cfg, image_shape))
-    fit_embedding_decoder(model.decoder, embedding, frequencies, cfg.latent_dim, plan.steps, EMBEDDING_BATCH,
-                          cfg.lr, lr_at, plan.seed)
+    fit_embedding_decoder(model.decoder, embedding, frequencies, cfg.latent_dim, plan.steps, plan.batch_size,
+                          plan.lr, lr_at, plan.seed)
     tensors = {f"decoder.{k}": v.detach().contiguous() for k, v in model.decoder.state_dict().items()}
     fields = {"blur_sigma": PRIVATE_BLUR_SIGMA, "mixture_size": 1}
     return tensors | standard_normal_latents(cfg.latent_dim), manifest_fields(cfg, image_shape, plan, fields)
@@ -244,10 +254,10 @@ def fit_network(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan, de
     ema = build_network(cfg.family, image_shape, net_cfg).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=plan.lr)
     # The critic of the adversarial term (aegmm only): trained here, never shipped.
     disc = PatchDiscriminator(image_shape[0], 2 * cfg.channels).to(device) if adversarial(cfg) else None
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.99)) if disc is not None else None
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=plan.lr, betas=(0.5, 0.99)) if disc is not None else None
     steps = plan.steps
     adversarial_from = int(steps * cfg.adversarial_start)
     params = EDMParams()
@@ -258,11 +268,11 @@ def fit_network(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan, de
     for step in bar:
         # Draw a batch: with replacement, so tiny classes still give full batches; a Poisson sample under DP.
         if dp is None:
-            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+            idx = torch.randint(0, len(data), (plan.batch_size,), generator=gen)
         else:
             idx = poisson_batch(len(data), dp.sampling_rate, sample_gen)
         x = torch.from_numpy(to_float(data[idx].numpy())).to(device)
-        lr = lr_at(step, steps, cfg.lr)
+        lr = lr_at(step, steps, plan.lr)
         for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
             group["lr"] = lr
         # Loss: L1 reconstruction (+ the adversarial term once the autoencoder has a shape to refine) for the
@@ -288,7 +298,7 @@ def fit_network(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingPlan, de
             disc_loss.backward()
             disc_opt.step()
         if progress and step % 50 == 0:
-            img_s = (step + 1) * cfg.batch_size / (time.perf_counter() - t0)
+            img_s = (step + 1) * plan.batch_size / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
     bar.close()
     if not math.isfinite(loss.item()):
