@@ -26,6 +26,8 @@ import fedfactory.privacy.dp as dp  # noqa: E402
 from fedfactory.classifier import predict_log_proba, predict_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
+from fedfactory.data.partition import split_clients  # noqa: E402
+from fedfactory.federation.client import client_plans, train_client_module  # noqa: E402
 from fedfactory.federation.factory import local_training_set, product_of_experts, synthesize  # noqa: E402
 from fedfactory.generative.train import plan_training, train_module  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
@@ -103,6 +105,10 @@ def main():
     p.add_argument("--set", nargs="*", default=[], help="generator overrides key=value")
     p.add_argument("--cls", nargs="*", default=[], help="classifier overrides key=value")
     p.add_argument("--privacy", nargs="*", default=[], help="privacy overrides key=value (private modules)")
+    p.add_argument("--data", nargs="*", default=[],
+                   help="data overrides key=value (e.g. partition=dirichlet alpha=0.1): the fit rows are split among "
+                        "clients as a run splits its training set, and every cell's module is the package's own "
+                        "(client_plans, train_client_module); without it, silos (client c holds class c)")
     p.add_argument("--tag", default="", help="name of the classifier recipe in the results")
     p.add_argument("--blur", default="", help="classifier input blur sigmas (default: the clients' mean)")
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per class")
@@ -122,6 +128,13 @@ def main():
                    help="exploration only: set a module constant of the private embedding (RFF_FEATURES, "
                         "RFF_SCALES in privacy/dp.py) for this variant; the decoder's steps, step size and latents "
                         "per step are config keys (--privacy decoder_steps=... decoder_batch_size=...)")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="server mode: K classifiers, member k trained on its own synthetic set (synthesis seed k, "
+                        "classifier seed 1 + k); reports every member and the mean-probability ensemble of 1..K")
+    p.add_argument("--ensemble-data", choices=["fresh", "same"], default="fresh",
+                   help="fresh: member k synthesizes its own set (seed k); same: every member trains on set 0")
+    p.add_argument("--save-probs", default="", help="server mode: write every member's validation probabilities "
+                                                    "to this .npz")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast beside another job)")
     p.add_argument("--out", default="benchmarks/runs/quality")
     p.add_argument("--results", default="benchmarks/results/quality-sweep.jsonl")
@@ -131,7 +144,7 @@ def main():
     device = torch.device("cpu")
     # The package's own override parser: types are checked and an unknown key is refused with the valid ones.
     cfg = load_config(args.config, [f"generator.{s}" for s in args.set] + [f"classifier.{s}" for s in args.cls]
-                      + [f"privacy.{s}" for s in args.privacy]
+                      + [f"privacy.{s}" for s in args.privacy] + [f"data.{s}" for s in args.data]
                       + [f"classifier.epochs={args.epochs}", f"synthesis.local_synthetic={args.local_synthetic}"])
     gcfg, ccfg = cfg.generator, cfg.classifier
     overrides = {k: getattr(gcfg, k) for k, _ in (s.split("=", 1) for s in args.set)}
@@ -140,7 +153,28 @@ def main():
     fit, val = train.subset(fit_rows), train.subset(val_rows)
 
     modules, train_s, sizes, blurs = [], [], [], []
-    sets = [(args.variant, 0)] + ([(args.extra, train.num_classes)] if args.extra else [])
+    if args.data:
+        # A split of the fit rows, seeded like a run's (data.partition.split_clients); the validation rows stay out.
+        out = Path(args.out) / args.variant
+        out.mkdir(parents=True, exist_ok=True)
+        for k, rows in enumerate(split_clients(cfg.data, cfg.run.seed, fit)):
+            client = fit.subset(rows)
+            for mid, plan in client_plans(client, k, cfg).items():
+                path = out / f"{mid}.pt"
+                if not path.exists():
+                    t0 = time.perf_counter()
+                    manifest, tensors = train_client_module(client, plan, gcfg, device, progress=False)
+                    payload, manifest = module_to_bytes(tensors, manifest)
+                    torch.save({"manifest": manifest, "tensors": tensors, "seconds": time.perf_counter() - t0,
+                                "bytes": len(payload)}, path)
+                saved = torch.load(path, weights_only=False)
+                print(f"{mid}: {plan.num_images} images, {plan.training.steps} steps, {saved['seconds']:.1f}s",
+                      flush=True)
+                modules.append(Module(saved["manifest"], saved["tensors"]))
+                train_s.append(saved["seconds"])
+                sizes.append(saved["bytes"])
+                blurs.append(saved["manifest"]["training"].get("blur_sigma", 0.0))
+    sets = [] if args.data else [(args.variant, 0)] + ([(args.extra, train.num_classes)] if args.extra else [])
     for (variant, client0), c in ((v, c) for v in sets for c in range(train.num_classes)):
         # A second set's module of class c comes from a virtual client c + 10, so module ids stay distinct.
         out = Path(args.out) / variant
@@ -196,11 +230,25 @@ def main():
                 # For choosing how experts combine (benchmarks/combine.py) on validation, without retraining them.
                 np.savez_compressed(args.save_log_probs, log_probs=np.stack(log_probs), labels=val.labels)
         else:
-            model = train_classifier(images, labels, train.num_classes, ccfg, 1, device,
-                                     progress=False, input_blur=sigma)
-            proba = predict_proba(model, val.images, device)
+            members = []
+            for k in range(args.ensemble):
+                # Member 0 is the single classifier of every other row; member k > 0 sees a synthetic set of its
+                # own, so the members differ in their data as well as in their initialisation.
+                if k and args.ensemble_data == "fresh":
+                    images, labels, _ = synthesize(modules, train.num_classes, args.samples, k, device,
+                                                   progress=False)
+                model = train_classifier(images, labels, train.num_classes, ccfg, 1 + k, device,
+                                         progress=False, input_blur=sigma)
+                members.append(predict_proba(model, val.images, device))
+                single = evaluate(members[-1], val.labels, val.class_names)["accuracy"]
+                joint = evaluate(np.mean(members, 0), val.labels, val.class_names)["accuracy"]
+                print(f"member {k}: val {single:.4f}; ensemble of {k + 1}: {joint:.4f}", flush=True)
+            proba = np.mean(members, 0)
+            if args.save_probs:
+                np.savez_compressed(args.save_probs, probs=np.stack(members), labels=val.labels)
         m = evaluate(proba, val.labels, val.class_names)
         row = {"variant": args.variant + (f"+{args.extra}" if args.extra else ""), "generator": overrides,
+               "data": {k: getattr(cfg.data, k) for k, _ in (s.split("=", 1) for s in args.data)},
                "classifier": cls,
                "dp_constants": args.dp_constant,
                "privacy": {k: getattr(cfg.privacy, k) for k, _ in (s.split("=", 1) for s in args.privacy)},
@@ -208,6 +256,7 @@ def main():
                "local_synthetic": args.local_synthetic if args.local else None,
                "residual_rank": modules[0][0]["network"].get("residual_rank", 0),
                "blur": sigma, "clients_blur": blurs, "samples_per_class": args.samples, "epochs": args.epochs,
+               "ensemble": 1 if args.local else args.ensemble, "ensemble_data": args.ensemble_data,
                "val_accuracy": round(m["accuracy"], 4),
                "per_class": [round(a, 3) for a in m["per_class_accuracy"].values()],
                "train_s_per_module": round(float(np.mean(train_s)), 1), "bytes_per_module": int(np.mean(sizes)),
