@@ -152,12 +152,16 @@ def test_adversarial_autoencoder_is_deterministic_and_ships_no_critic(sevens):
 
 def test_compute_follows_data(sevens):
     """With steps_per_image, a module's steps grow with its images between the floor and generator.steps."""
-    from fedfactory.generative.train import MIN_STEPS, planned_steps
+    from fedfactory.generative.train import planned_steps
 
     cfg = GeneratorConfig(steps=1000, steps_per_image=0.2)
-    assert [planned_steps(cfg, n) for n in (1, 15, 2500, 4000, 60000)] == [MIN_STEPS, MIN_STEPS, 500, 800, 1000]
+    assert [planned_steps(cfg, n) for n in (1, 15, 2500, 4000, 60000)] == [200, 200, 500, 800, 1000]
     assert planned_steps(GeneratorConfig(steps=1000), 15) == 1000
+    # The floor is the config's: it lifts the small cells and leaves the large ones, under the cap of steps.
+    floor = GeneratorConfig(steps=1000, steps_per_image=0.2, min_steps=600)
+    assert [planned_steps(floor, n) for n in (15, 2500, 4000, 60000)] == [600, 600, 800, 1000]
+    assert planned_steps(GeneratorConfig(steps=300, steps_per_image=0.2, min_steps=600), 15) == 300
     small = GeneratorConfig(steps=300, steps_per_image=0.5, batch_size=8, channels=4, latent_dim=4,
                             mixture_components=2)
     _, fields = train_module(sevens[:10], small, plan_training(small, 10, 0), CPU, progress=False)
-    assert fields["training"]["steps"] == MIN_STEPS
+    assert fields["training"]["steps"] == small.min_steps == 200

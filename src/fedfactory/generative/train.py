@@ -97,19 +97,18 @@ def expected_tensors(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), "float32") for k, v in model.state_dict().items()}
 
 
-MIN_STEPS = 200  # the floor of a data-proportional budget: past the 100-step warm-up, enough to fit a tiny class
-
-
 def planned_steps(cfg: GeneratorConfig, num_images: int) -> int:
     """Optimizer steps for a module of num_images images.
 
     generator.steps for every module, or, with generator.steps_per_image > 0, a budget that follows the data
-    (at least MIN_STEPS, at most generator.steps): a 15-image cell then costs a fraction of a 6,000-image one,
-    and any split of the same dataset trains in about the same total time.
+    (at least generator.min_steps, at most generator.steps): a 15-image cell then costs a fraction of a 6,000-image
+    one, and any split of the same dataset trains in about the same total time. The floor matters on skewed splits:
+    an autoencoder needs a number of optimizer steps to converge whatever its data size, and a 2,000-image cell at
+    200 steps decodes blurrier than a 5,000-image one at 500 (benchmarks/results/quality-round2.md, round five).
     """
     if cfg.steps_per_image <= 0:
         return cfg.steps
-    return min(cfg.steps, max(MIN_STEPS, math.ceil(num_images * cfg.steps_per_image)))
+    return min(cfg.steps, max(cfg.min_steps, math.ceil(num_images * cfg.steps_per_image)))
 
 
 def requested_training(cfg: GeneratorConfig, num_images: int, seed: int,
