@@ -59,6 +59,14 @@ def truncate_residual(manifest: dict, tensors: dict, rank: int) -> tuple[dict, d
     return {**manifest, "network": {**manifest["network"], "residual_rank": rank}}, tensors
 
 
+def saved_module(tensors: dict, manifest: dict, seconds: float, path: Path) -> dict:
+    """Serialize a freshly trained module as the registry would (for its byte count) and cache it at path."""
+    payload, manifest = module_to_bytes(tensors, manifest)
+    saved = {"manifest": manifest, "tensors": tensors, "seconds": seconds, "bytes": len(payload)}
+    torch.save(saved, path)
+    return saved
+
+
 def summary(results: Path) -> str:
     """The sweep's rows as one Markdown table, in the order they ran."""
     lines = ["# Quality sweep on the validation split (Fashion-MNIST silos)", "",
@@ -139,6 +147,11 @@ def main():
     p.add_argument("--out", default="benchmarks/runs/quality")
     p.add_argument("--results", default="benchmarks/results/quality-sweep.jsonl")
     args = p.parse_args()
+    if args.data and (args.extra or args.classes or args.local or args.root_seed):
+        p.error("--data trains the split's own modules (seeded by the config's run.seed); it cannot be combined with "
+                "--with, --classes, --local or --root-seed, which assume silos")
+    if args.ensemble < 1 or (args.local and args.ensemble > 1):
+        p.error(f"--ensemble {args.ensemble}: must be >= 1, and 1 with --local (local mode combines its experts)")
     torch.set_num_threads(args.threads)
     set_dp_constants(args.dp_constant)
     device = torch.device("cpu")
@@ -152,7 +165,7 @@ def main():
     fit_rows, val_rows = validation_split(train.labels)
     fit, val = train.subset(fit_rows), train.subset(val_rows)
 
-    modules, train_s, sizes, blurs = [], [], [], []
+    cached = []  # every module's saved dict: manifest, tensors, training seconds, bytes
     if args.data:
         # A split of the fit rows, seeded like a run's (data.partition.split_clients); the validation rows stay out.
         out = Path(args.out) / args.variant
@@ -161,19 +174,15 @@ def main():
             client = fit.subset(rows)
             for mid, plan in client_plans(client, k, cfg).items():
                 path = out / f"{mid}.pt"
-                if not path.exists():
+                if path.exists():
+                    saved = torch.load(path, weights_only=False)
+                else:
                     t0 = time.perf_counter()
                     manifest, tensors = train_client_module(client, plan, gcfg, device, progress=False)
-                    payload, manifest = module_to_bytes(tensors, manifest)
-                    torch.save({"manifest": manifest, "tensors": tensors, "seconds": time.perf_counter() - t0,
-                                "bytes": len(payload)}, path)
-                saved = torch.load(path, weights_only=False)
+                    saved = saved_module(tensors, manifest, time.perf_counter() - t0, path)
                 print(f"{mid}: {plan.num_images} images, {plan.training.steps} steps, {saved['seconds']:.1f}s",
                       flush=True)
-                modules.append(Module(saved["manifest"], saved["tensors"]))
-                train_s.append(saved["seconds"])
-                sizes.append(saved["bytes"])
-                blurs.append(saved["manifest"]["training"].get("blur_sigma", 0.0))
+                cached.append(saved)
     sets = [] if args.data else [(args.variant, 0)] + ([(args.extra, train.num_classes)] if args.extra else [])
     for (variant, client0), c in ((v, c) for v in sets for c in range(train.num_classes)):
         # A second set's module of class c comes from a virtual client c + 10, so module ids stay distinct.
@@ -195,15 +204,13 @@ def main():
             seconds = time.perf_counter() - t0
             manifest = {"module_id": module_id(c, c), "client_id": c, "class_id": c,
                         "class_name": train.class_names[c], "num_samples": int(len(images))} | fields
-            payload, manifest = module_to_bytes(tensors, manifest)
-            saved = {"manifest": manifest, "tensors": tensors, "seconds": seconds, "bytes": len(payload)}
-            torch.save(saved, path)
-            print(f"class {c}: {seconds:.1f}s {len(payload)} bytes blur {fields['training'].get('blur_sigma')}",
+            saved = saved_module(tensors, manifest, seconds, path)
+            print(f"class {c}: {seconds:.1f}s {saved['bytes']} bytes blur {fields['training'].get('blur_sigma')}",
                   flush=True)
-        modules.append(Module(saved["manifest"], saved["tensors"]))
-        train_s.append(saved["seconds"])
-        sizes.append(saved["bytes"])
-        blurs.append(saved["manifest"]["training"].get("blur_sigma", 0.0))
+        cached.append(saved)
+    modules = [Module(m["manifest"], m["tensors"]) for m in cached]
+    train_s, sizes = [m["seconds"] for m in cached], [m["bytes"] for m in cached]
+    blurs = [m["manifest"]["training"].get("blur_sigma", 0.0) for m in cached]
     if args.classes:
         return
     if args.residual_rank >= 0:
