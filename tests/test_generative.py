@@ -5,7 +5,13 @@ import torch
 from fedfactory.config import GeneratorConfig
 from fedfactory.data.datasets import load_dataset
 from fedfactory.federation.factory import allocate, plan_synthesis
-from fedfactory.generative.aegmm import fit_residual
+from fedfactory.generative.aegmm import (
+    add_residual,
+    component_of,
+    fit_component_residuals,
+    fit_residual,
+    pick_components,
+)
 from fedfactory.generative.edm import EDMParams, denoise, edm_loss, heun_sample, sigma_steps
 from fedfactory.generative.train import expected_tensors, plan_training, sample_module, train_module
 from fedfactory.generative.unet import UNet
@@ -78,15 +84,21 @@ def test_loss_falls_and_training_is_deterministic(sevens, family):
         assert f1["training"]["final_loss"] < base
 
 
-@pytest.mark.parametrize("family, residual_rank", [("aegmm", 0), ("aegmm", 3), ("edm", 0)])
-def test_module_round_trip_and_per_image_sampling(tmp_path, sevens, family, residual_rank):
+@pytest.mark.parametrize("family, residual_rank, per_component",
+                         [("aegmm", 0, False), ("aegmm", 3, False), ("aegmm", 3, True), ("edm", 0, False)])
+def test_module_round_trip_and_per_image_sampling(tmp_path, sevens, family, residual_rank, per_component):
     cfg = GeneratorConfig(family=family, steps=5, batch_size=16, channels=8, latent_dim=8, mixture_components=2,
-                          sampler_steps=4, residual_rank=residual_rank)
+                          sampler_steps=4, residual_rank=residual_rank, residual_per_component=per_component)
     tensors, fields = train_module(sevens, cfg, plan_training(cfg, len(sevens), 1), CPU, progress=False)
     manifest = {"module_id": module_id(2, 7), "client_id": 2, "class_id": 7, "class_name": "7",
                 "num_samples": len(sevens)} | fields
     assert {k: (tuple(v.shape), "float32") for k, v in tensors.items()} == expected_tensors(manifest)
     assert ("residual.basis" in tensors) == (residual_rank > 0)
+    if per_component:  # one residual model per mixture component: (K, r, C, H, W)
+        assert tensors["residual.basis"].shape == (fields["training"]["mixture_size"], 3, 1, 8, 8)
+        assert "residual_per_component" in manifest["network"]
+    else:  # the one-residual recipe's manifest is unchanged
+        assert "residual_per_component" not in manifest["network"]
     save_module(tmp_path / "m.safetensors", tensors, manifest)
     loaded_manifest, loaded = load_module(tmp_path / "m.safetensors", expected=module_spec)
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
@@ -165,3 +177,46 @@ def test_compute_follows_data(sevens):
                             mixture_components=2)
     _, fields = train_module(sevens[:10], small, plan_training(small, 10, 0), CPU, progress=False)
     assert fields["training"]["steps"] == small.min_steps == 200
+
+
+def test_component_residuals_follow_their_component():
+    # Two groups of 8x8 images whose residuals (the decoder reconstructs zero) vary along different directions.
+    gen = np.random.default_rng(0)
+    u, v = np.zeros((8, 8)), np.zeros((8, 8))
+    u[:4], v[:, :4] = 1, 1
+    a, b = gen.normal(size=(40, 1, 1)), gen.normal(size=(30, 1, 1))
+    images = np.concatenate([128 + 40 * a * u, 64 + 40 * b * v]).round().clip(0, 255).astype(np.uint8)[..., None]
+    comp = torch.tensor([0] * 40 + [1] * 30)
+    fit = fit_component_residuals(images, lambda rows: torch.zeros(len(rows), 1, 8, 8), comp, 3, 1, seed=0)
+    assert fit["residual.mean"].shape == (3, 1, 8, 8) and fit["residual.basis"].shape == (3, 1, 1, 8, 8)
+    for k, direction in ((0, u), (1, v)):
+        basis = fit["residual.basis"][k, 0, 0].double().numpy()
+        cosine = abs((basis * direction).sum()) / (np.linalg.norm(basis) * np.linalg.norm(direction))
+        assert cosine > 0.99
+    # Each group's mean is its own (about 0 and -0.5 in [-1, 1] units); an empty component gets nothing.
+    assert abs(fit["residual.mean"][0].mean().item()) < 0.1
+    assert abs(fit["residual.mean"][1].mean().item() + 0.5) < 0.1
+    assert not fit["residual.mean"][2].any() and not fit["residual.basis"][2].any()
+
+
+def test_each_sample_draws_its_own_components_residual():
+    d = 2
+    mixture = {"mixture.log_weights": torch.log(torch.tensor([0.5, 0.5])),
+               "mixture.means": torch.tensor([[-5.0, 0.0], [5.0, 0.0]]),
+               "mixture.scale_tril": 0.1 * torch.eye(d).repeat(2, 1, 1)}
+    uniform = torch.tensor([0.1, 0.9, 0.4, 0.6])
+    comp = pick_components(mixture, uniform)
+    assert comp.tolist() == [0, 1, 0, 1]
+    # The latents a component draws are the ones component_of gives back to it.
+    z = mixture["mixture.means"][comp] + 0.1 * torch.randn(4, d, generator=torch.Generator().manual_seed(0))
+    assert component_of(z, mixture).tolist() == comp.tolist()
+    residual = {"residual.mean": torch.tensor([0.5, -0.5]).reshape(2, 1, 1, 1).expand(2, 1, 4, 4).contiguous(),
+                "residual.basis": torch.zeros(2, 3, 1, 4, 4)}
+    residual["residual.basis"][1, 0] = 2.0  # component 1's only direction; its mean -0.5, so noise 1 gives 1.5
+    noise = torch.ones(4, 3)
+    x = add_residual(torch.zeros(4, 1, 4, 4), residual, noise, comp)
+    assert torch.allclose(x[0], torch.full((1, 4, 4), 0.5)) and torch.allclose(x[2], torch.full((1, 4, 4), 0.5))
+    assert torch.allclose(x[1], torch.full((1, 4, 4), 1.5)) and torch.allclose(x[3], torch.full((1, 4, 4), 1.5))
+    # The one-residual model ignores components.
+    one = {"residual.mean": torch.full((1, 4, 4), 0.25), "residual.basis": torch.zeros(3, 1, 4, 4)}
+    assert torch.allclose(add_residual(torch.zeros(4, 1, 4, 4), one, noise, comp), torch.full((4, 1, 4, 4), 0.25))

@@ -51,6 +51,9 @@ class GeneratorConfig:
     latent_dim: int = 32  # aegmm: latent size
     mixture_components: int = 20  # aegmm: Gaussian mixture components
     residual_rank: int = 0  # aegmm: principal components of the reconstruction residual added back as noise
+    # aegmm: one residual model of that rank per mixture component (the residuals of the images it explains best)
+    # instead of one for the class; each sample draws from its own component's (aegmm.fit_component_residuals).
+    residual_per_component: bool = False
     sampler_steps: int = 18  # edm: Heun steps
     adversarial: float = 0.0  # aegmm: weight of the patch critic's loss on decoded images (0 = plain autoencoder)
     adversarial_start: float = 0.25  # aegmm: fraction of the steps trained on reconstruction alone first
@@ -262,6 +265,10 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"generator.adversarial={cfg.generator.adversarial}: must be >= 0 (0 turns it off)")
     if not 0 <= cfg.generator.adversarial_start <= 1:
         raise ConfigError(f"generator.adversarial_start={cfg.generator.adversarial_start}: must lie in [0, 1]")
+    if cfg.generator.residual_per_component and cfg.generator.residual_rank == 0:
+        raise ConfigError("generator.residual_per_component=true with generator.residual_rank=0: there is no residual "
+                          "model to fit per component; set generator.residual_rank > 0 or "
+                          "generator.residual_per_component=false")
     if cfg.data.dataset == "imagefolder" or cfg.data.classes:
         class_list(cfg.data.classes)
     if cfg.data.alpha <= 0:

@@ -89,11 +89,15 @@ def fit_mixture(latents: torch.Tensor, num_components: int, seed: int) -> dict[s
     }
 
 
+def pick_components(mixture: dict[str, torch.Tensor], uniform: torch.Tensor) -> torch.Tensor:
+    """The mixture component (B,) that uniforms (B,) in [0, 1) pick, by inverting the weights' CDF."""
+    cdf = mixture["mixture.log_weights"].double().softmax(0).cumsum(0)
+    return torch.searchsorted(cdf, uniform.double().clamp(max=float(cdf[-1]) - 1e-12))
+
+
 def sample_latents(mixture: dict[str, torch.Tensor], noise: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Draw latents from the mixture given standard-normal noise (B, D) and uniforms (B,) for the component."""
-    weights = mixture["mixture.log_weights"].double().softmax(0)
-    cdf = weights.cumsum(0)
-    comp = torch.searchsorted(cdf, uniform.double().clamp(max=float(cdf[-1]) - 1e-12))
+    comp = pick_components(mixture, uniform)
     mean = mixture["mixture.means"][comp]  # (B, D)
     tril = mixture["mixture.scale_tril"][comp]  # (B, D, D)
     return mean + (tril @ noise.unsqueeze(-1)).squeeze(-1)
@@ -219,9 +223,45 @@ def fit_residual(images: np.ndarray, reconstruct, rank: int, seed: int, chunk: i
             "residual.basis": basis.float().reshape(rank, *shape).contiguous()}
 
 
+def component_of(z: torch.Tensor, mixture: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The component with the highest posterior for each latent (N, D): argmax_k log w_k + log N(z; mu_k, L_k L_k^T)."""
+    means, tril = mixture["mixture.means"].double(), mixture["mixture.scale_tril"].double()
+    best = torch.full((len(z),), -math.inf, dtype=torch.float64)
+    comp = torch.zeros(len(z), dtype=torch.int64)
+    for k in range(len(means)):  # one component at a time: (N, D) memory, not (N, K, D)
+        sol = torch.linalg.solve_triangular(tril[k], (z.double() - means[k]).T, upper=False)
+        score = (mixture["mixture.log_weights"][k].double() - tril[k].diagonal().log().sum()
+                 - 0.5 * sol.pow(2).sum(0))
+        comp = torch.where(score > best, k, comp)
+        best = torch.maximum(score, best)
+    return comp
+
+
+def fit_component_residuals(images: np.ndarray, reconstruct, comp: torch.Tensor, num_components: int, rank: int,
+                            seed: int) -> dict[str, torch.Tensor]:
+    """fit_residual once per mixture component, on the images whose latent it explains best (component_of).
+
+    One residual model for the whole class adds the same texture directions to a T-shirt and to a tank top; a
+    component's own directions follow what its garments miss. A component that explains fewer than two images
+    gets no residual (zero mean and basis). Shapes: mean (K, C, H, W), basis (K, rank, C, H, W).
+    """
+    means, bases = [], []
+    for k in range(num_components):
+        rows = torch.nonzero(comp == k).flatten().numpy()
+        if len(rows) < 2:
+            shape = (images.shape[3], images.shape[1], images.shape[2])
+            means.append(torch.zeros(shape))
+            bases.append(torch.zeros(rank, *shape))
+            continue
+        fit = fit_residual(images[rows], lambda a, b, r=rows: reconstruct(r[a:b]), rank, derive_seed(seed, k))
+        means.append(fit["residual.mean"])
+        bases.append(fit["residual.basis"])
+    return {"residual.mean": torch.stack(means).contiguous(), "residual.basis": torch.stack(bases).contiguous()}
+
+
 @torch.no_grad()
 def fit_densities(ema: AutoEncoder, images: np.ndarray, mixture_components: int, residual_rank: int,
-                  seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+                  seed: int, residual_per_component: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """After training: the shipped tensors (decoder, latent mixture, residual model) and the measured blur.
 
     Ex-post density estimation: the mixture is fitted to the EMA encoder's latents of every training image.
@@ -235,7 +275,11 @@ def fit_densities(ema: AutoEncoder, images: np.ndarray, mixture_components: int,
     def reconstruct(start: int, stop: int) -> torch.Tensor:
         return ema.decoder(z[start:stop])
 
-    if residual_rank:
+    if residual_rank and residual_per_component:
+        tensors |= fit_component_residuals(images, lambda rows: ema.decoder(z[rows]), component_of(z, mixture),
+                                           len(mixture["mixture.means"]), residual_rank,
+                                           derive_seed(seed, "residual"))
+    elif residual_rank:
         tensors |= fit_residual(images, reconstruct, residual_rank, derive_seed(seed, "residual"))
     fields = {"blur_sigma": measure_blur(images, reconstruct(0, min(len(images), 1000))),
               "mixture_size": int(mixture["mixture.means"].shape[0])}
@@ -326,11 +370,19 @@ def decode_samples(decoder: nn.Module, tensors: dict[str, torch.Tensor], noise: 
     device = next(decoder.parameters()).device
     x = decoder(sample_latents(mixture, noise[:, :d], uniform).float().to(device)).cpu()
     if r:
-        x = add_residual(x, tensors, noise[:, d + 1:].float())
+        x = add_residual(x, tensors, noise[:, d + 1:].float(), pick_components(mixture, uniform))
     return to_uint8(x.clamp(-1, 1).numpy())
 
 
-def add_residual(x: torch.Tensor, tensors: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
-    """Decoded images (B, C, H, W) plus one draw of fit_residual's model per image, from normal noise (B, r)."""
-    basis = tensors["residual.basis"].flatten(1)  # (r, C*H*W)
-    return x + tensors["residual.mean"] + (noise @ basis).reshape(x.shape)
+def add_residual(x: torch.Tensor, tensors: dict[str, torch.Tensor], noise: torch.Tensor,
+                 components: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoded images (B, C, H, W) plus one draw of the residual model per image, from normal noise (B, r).
+
+    A per-component model (basis (K, r, C, H, W): fit_component_residuals) draws from each image's own mixture
+    component, components (B,); the class's single model (basis (r, C, H, W)) ignores them.
+    """
+    basis, mean = tensors["residual.basis"], tensors["residual.mean"]
+    if basis.dim() == x.dim():
+        return x + mean + (noise @ basis.flatten(1)).reshape(x.shape)
+    picked = basis.flatten(2)[components]  # (B, r, C*H*W)
+    return x + mean[components] + torch.einsum("br,brp->bp", noise, picked).reshape(x.shape)

@@ -59,6 +59,8 @@ def network_config(cfg: GeneratorConfig, image_shape: tuple[int, int, int]) -> d
     if cfg.family == "aegmm":
         net |= {"latent_dim": cfg.latent_dim, "mixture_components": cfg.mixture_components,
                 "residual_rank": cfg.residual_rank}
+        if cfg.residual_per_component:  # absent otherwise, so modules of the one-residual recipe keep their bytes
+            net["residual_per_component"] = True
     return net
 
 
@@ -91,7 +93,12 @@ def expected_tensors(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         r = net.get("residual_rank", 0)
         if not isinstance(r, int) or not 0 <= r <= math.prod(shape):
             raise ValueError("network.residual_rank must be an int in [0, C*H*W]")
-        if r:
+        per_component = net.get("residual_per_component", False)
+        if not isinstance(per_component, bool):
+            raise ValueError("network.residual_per_component must be true or false")
+        if r and per_component:
+            spec |= {"residual.mean": ((k, *shape), "float32"), "residual.basis": ((k, r, *shape), "float32")}
+        elif r:
             spec |= {"residual.mean": (shape, "float32"), "residual.basis": ((r, *shape), "float32")}
         return spec
     return {k: (tuple(v.shape), "float32") for k, v in model.state_dict().items()}
@@ -219,7 +226,8 @@ def train_aegmm_module(images: np.ndarray, cfg: GeneratorConfig, plan: TrainingP
                        device: torch.device, desc: str, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
     """The default module: the autoencoder, then its latent mixture and residual model fitted ex post (aegmm.py)."""
     ema, loss = fit_network(images, cfg, plan, device, desc, progress)
-    tensors, fields = fit_densities(ema, images, cfg.mixture_components, cfg.residual_rank, plan.seed)
+    tensors, fields = fit_densities(ema, images, cfg.mixture_components, cfg.residual_rank, plan.seed,
+                                    cfg.residual_per_component)
     return tensors, manifest_fields(cfg, shape_of(images), plan, {"final_loss": loss} | fields)
 
 

@@ -1,0 +1,182 @@
+"""The fits that follow an autoencoder's training (latent mixture, residual model), swept on the validation split.
+
+Same protocol as quality.py (Fashion-MNIST silos, 1,000 held-out training images per class, the test set never
+read), but the trained autoencoders are cached and only the ex-post fits change between rows, so a row costs a
+synthesis and a classifier, not ten modules. Every row here samples through this script's own sampler (the
+package's arithmetic, sample_latents then the decoder then the residual), so its rows compare with each other;
+a chosen fit then moves into the package and is checked there with quality.py.
+
+Fits, as key=value after the row's name (NAME:key=value,...):
+  components=K        mixture components (the preset's generator.mixture_components: 20)
+  rank=R              rank of the one residual model of the class (the preset's residual_rank: 16)
+  per_component=R     instead: a residual model of rank R for each mixture component, fitted to the residuals of
+                      the images whose latent that component explains best; a sample adds its own component's
+  temperature=T       latent noise scaled by T/100 (below 100: samples nearer the components' means)
+  residual_scale=S    residual noise scaled by S/100
+
+  python benchmarks/density_sweep.py --rows base: c50:components=50 pc8:per_component=8 --threads 2
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import validation_split  # noqa: E402
+
+from fedfactory.classifier import predict_proba, train_classifier  # noqa: E402
+from fedfactory.config import load_config  # noqa: E402
+from fedfactory.data.datasets import load_dataset  # noqa: E402
+from fedfactory.data.images import to_float, to_uint8  # noqa: E402
+from fedfactory.generative.aegmm import fit_mixture, fit_residual, measure_blur, sample_latents  # noqa: E402
+from fedfactory.generative.train import build_network, fit_network, network_config, plan_training  # noqa: E402
+from fedfactory.metrics import evaluate  # noqa: E402
+from fedfactory.runs import provenance  # noqa: E402
+from fedfactory.seeding import derive_seed, torch_generator  # noqa: E402
+
+FITS = {"components": 20, "rank": 16, "per_component": 0, "temperature": 100, "residual_scale": 100}
+
+
+def parse_row(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    fits = dict(FITS)
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in FITS:
+            raise SystemExit(f"--rows {text!r}: {item!r} is not key=value with key one of {sorted(FITS)}")
+        fits[key] = int(value)
+    return name, fits
+
+
+def component_of(z: torch.Tensor, mixture: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mixture component with the highest posterior for each latent (N, D): argmax_k log w_k + log N(z; k)."""
+    means, tril = mixture["mixture.means"].double(), mixture["mixture.scale_tril"].double()
+    diff = (z.double()[:, None, :] - means[None]).unsqueeze(-1)  # (N, K, D, 1)
+    sol = torch.linalg.solve_triangular(tril[None], diff, upper=False).squeeze(-1)
+    logdet = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    score = mixture["mixture.log_weights"].double() - logdet - 0.5 * sol.pow(2).sum(-1)
+    return score.argmax(1)
+
+
+@torch.no_grad()
+def fit_class(ema, images: np.ndarray, fits: dict, seed: int) -> dict:
+    """The densities of one class under these fits, and the measured blur."""
+    x = torch.from_numpy(to_float(images))
+    z = ema.encoder(x)
+    recon = ema.decoder(z)
+    mixture = fit_mixture(z, fits["components"], derive_seed(seed, "mixture"))
+    out = {"mixture": mixture, "blur": measure_blur(images, recon[:1000]),
+           "temperature": fits["temperature"] / 100, "residual_scale": fits["residual_scale"] / 100}
+    if fits["per_component"]:
+        comp = component_of(z, mixture)
+        k = mixture["mixture.means"].shape[0]
+        means, bases = [], []
+        for j in range(k):
+            rows = torch.nonzero(comp == j).flatten()
+            if len(rows) < 2:
+                means.append(torch.zeros(x.shape[1:]))
+                bases.append(torch.zeros(fits["per_component"], *x.shape[1:]))
+                continue
+            fit = fit_residual(images[rows.numpy()], lambda a, b, r=rows: recon[r[a:b]], fits["per_component"],
+                               derive_seed(seed, "residual", j))
+            means.append(fit["residual.mean"])
+            bases.append(fit["residual.basis"])
+        out["residual"] = (torch.stack(means), torch.stack(bases))
+    elif fits["rank"]:
+        fit = fit_residual(images, lambda a, b: recon[a:b], fits["rank"], derive_seed(seed, "residual"))
+        out["residual"] = (fit["residual.mean"][None], fit["residual.basis"][None])
+    return out
+
+
+@torch.no_grad()
+def sample_class(decoder, fitted: dict, n: int, latent_dim: int, gen: torch.Generator) -> np.ndarray:
+    mixture = {k: v.double() for k, v in fitted["mixture"].items()}
+    noise = torch.randn(n, latent_dim, generator=gen, dtype=torch.float64) * fitted["temperature"]
+    uniform = torch.rand(n, generator=gen, dtype=torch.float64)
+    z = sample_latents(mixture, noise, uniform)
+    weights = mixture["mixture.log_weights"].softmax(0).cumsum(0)
+    comp = torch.searchsorted(weights, uniform.clamp(max=float(weights[-1]) - 1e-12))  # as sample_latents picks
+    x = decoder(z.float())
+    if "residual" in fitted:
+        mean, basis = fitted["residual"]
+        which = comp if mean.shape[0] > 1 else torch.zeros_like(comp)
+        eps = torch.randn(n, basis.shape[1], generator=gen) * fitted["residual_scale"]
+        x = x + mean[which] + torch.einsum("nr,nrp->np", eps, basis[which].flatten(2)).reshape(x.shape)
+    return to_uint8(x.clamp(-1, 1).numpy())
+
+
+def residual_bytes(fitted: dict) -> int:
+    tensors = list(fitted["mixture"].values()) + list(fitted.get("residual", ()))
+    return sum(t.numel() * 4 for t in tensors)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", required=True, help="NAME:key=value,... (keys: " + ", ".join(FITS) + ")")
+    p.add_argument("--set", nargs="*", default=["steps=1000", "steps_per_image=0.2"],
+                   help="generator overrides of the autoencoders (cache key: --cache)")
+    p.add_argument("--samples", type=int, default=9000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--synthesis-seed", type=int, default=0, help="seed of the synthetic images (classifier seed: 1)")
+    p.add_argument("--cache", default="benchmarks/runs/density/ae1000")
+    p.add_argument("--results", default="benchmarks/results/density-sweep.jsonl")
+    args = p.parse_args()
+    rows = [parse_row(r) for r in args.rows]
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    cfg = load_config("fashion-mnist", [f"generator.{s}" for s in args.set])
+    train, _ = load_dataset("fashion-mnist", None, 0)
+    fit_rows, val_rows = validation_split(train.labels)
+    fit, val = train.subset(fit_rows), train.subset(val_rows)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+
+    encoders = {}
+    for c in range(train.num_classes):
+        images = fit.images[fit.labels == c]
+        plan = plan_training(cfg.generator, len(images), derive_seed(0, "train", c, c))
+        path = cache / f"class-{c}.pt"
+        if path.exists():
+            ema = build_network("aegmm", (1, 28, 28), network_config(cfg.generator, (1, 28, 28)))
+            ema.load_state_dict(torch.load(path))
+            ema.eval()
+        else:
+            t0 = time.perf_counter()
+            ema, _ = fit_network(images, cfg.generator, plan, device, f"class {c}", False)
+            torch.save(ema.state_dict(), path)
+            print(f"class {c}: autoencoder {plan.steps} steps in {time.perf_counter() - t0:.1f}s", flush=True)
+        encoders[c] = (ema, images, plan.seed)
+
+    for name, fits in rows:
+        t0 = time.perf_counter()
+        xs, ys, blurs, sizes = [], [], [], []
+        for c, (ema, images, seed) in encoders.items():
+            fitted = fit_class(ema, images, fits, seed)
+            xs.append(sample_class(ema.decoder, fitted, args.samples, cfg.generator.latent_dim,
+                                   torch_generator(args.synthesis_seed, "density-sweep", c)))
+            ys.append(np.full(args.samples, c))
+            blurs.append(fitted["blur"])
+            sizes.append(residual_bytes(fitted))
+        fit_s = time.perf_counter() - t0
+        sigma = float(np.mean(blurs))
+        model = train_classifier(np.concatenate(xs), np.concatenate(ys), train.num_classes, cfg.classifier, 1, device,
+                                 progress=False, input_blur=sigma)
+        m = evaluate(predict_proba(model, val.images, device), val.labels, val.class_names)
+        row = {"row": name, "fits": fits, "generator": args.set, "blur": sigma, "clients_blur": blurs,
+               "samples_per_class": args.samples, "synthesis_seed": args.synthesis_seed,
+               "val_accuracy": round(m["accuracy"], 4),
+               "per_class": [round(a, 3) for a in m["per_class_accuracy"].values()],
+               "density_bytes": int(np.mean(sizes)), "fit_and_sample_s": round(fit_s, 1),
+               "total_s": round(time.perf_counter() - t0, 1), **provenance(__file__, sys.argv[1:])}
+        print(json.dumps(row), flush=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
