@@ -193,10 +193,18 @@ def test_component_residuals_follow_their_component():
         basis = fit["residual.basis"][k, 0, 0].double().numpy()
         cosine = abs((basis * direction).sum()) / (np.linalg.norm(basis) * np.linalg.norm(direction))
         assert cosine > 0.99
-    # Each group's mean is its own (about 0 and -0.5 in [-1, 1] units); an empty component gets nothing.
+    # Each group's mean is its own (about 0 and -0.5 in [-1, 1] units).
     assert abs(fit["residual.mean"][0].mean().item()) < 0.1
     assert abs(fit["residual.mean"][1].mean().item() + 0.5) < 0.1
-    assert not fit["residual.mean"][2].any() and not fit["residual.basis"][2].any()
+    # A component with too few images (here none; 4 per direction are needed) takes the class's one model.
+    whole = fit_residual(images, lambda a, b: torch.zeros(b - a, 1, 8, 8), 1, seed=0)
+    assert torch.allclose(fit["residual.mean"][2], whole["residual.mean"])
+    assert torch.allclose(fit["residual.basis"][2].abs(), whole["residual.basis"].abs(), atol=1e-5)
+    # With rank 8 the 30-image group (fewer than 32) falls back too; the 40-image one keeps its own.
+    eight = fit_component_residuals(images, lambda rows: torch.zeros(len(rows), 1, 8, 8), comp, 2, 8, seed=0)
+    assert torch.allclose(eight["residual.mean"][1], fit_residual(
+        images, lambda a, b: torch.zeros(b - a, 1, 8, 8), 8, seed=0)["residual.mean"])
+    assert torch.allclose(eight["residual.mean"][0], fit["residual.mean"][0])
 
 
 def test_each_sample_draws_its_own_components_residual():

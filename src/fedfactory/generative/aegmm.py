@@ -237,26 +237,28 @@ def component_of(z: torch.Tensor, mixture: dict[str, torch.Tensor]) -> torch.Ten
     return comp
 
 
+IMAGES_PER_RESIDUAL_DIRECTION = 4  # a component's own residual model needs this many images per direction
+
+
 def fit_component_residuals(images: np.ndarray, reconstruct, comp: torch.Tensor, num_components: int, rank: int,
                             seed: int) -> dict[str, torch.Tensor]:
     """fit_residual once per mixture component, on the images whose latent it explains best (component_of).
 
     One residual model for the whole class adds the same texture directions to a T-shirt and to a tank top; a
-    component's own directions follow what its garments miss. A component that explains fewer than two images
-    gets no residual (zero mean and basis). Shapes: mean (K, C, H, W), basis (K, rank, C, H, W).
+    component's own directions follow what its garments miss. reconstruct(rows): the decoder's reconstructions of
+    images[rows]. A component explaining fewer than IMAGES_PER_RESIDUAL_DIRECTION x rank images takes the class's
+    one model instead: rank directions fitted to a handful of residuals would span those images' own details, which
+    samples would then replay. Shapes: mean (K, C, H, W), basis (K, rank, C, H, W).
     """
-    means, bases = [], []
-    for k in range(num_components):
-        rows = torch.nonzero(comp == k).flatten().numpy()
-        if len(rows) < 2:
-            shape = (images.shape[3], images.shape[1], images.shape[2])
-            means.append(torch.zeros(shape))
-            bases.append(torch.zeros(rank, *shape))
-            continue
-        fit = fit_residual(images[rows], lambda a, b, r=rows: reconstruct(r[a:b]), rank, derive_seed(seed, k))
-        means.append(fit["residual.mean"])
-        bases.append(fit["residual.basis"])
-    return {"residual.mean": torch.stack(means).contiguous(), "residual.basis": torch.stack(bases).contiguous()}
+    def fit(rows: np.ndarray, key) -> dict[str, torch.Tensor]:
+        return fit_residual(images[rows], lambda a, b: reconstruct(rows[a:b]), rank, derive_seed(seed, key))
+
+    members = [torch.nonzero(comp == k).flatten().numpy() for k in range(num_components)]
+    small = [len(rows) < IMAGES_PER_RESIDUAL_DIRECTION * rank for rows in members]
+    whole = fit(np.arange(len(images)), "class") if any(small) else None
+    fits = [whole if too_few else fit(rows, k) for k, (rows, too_few) in enumerate(zip(members, small, strict=True))]
+    return {"residual.mean": torch.stack([f["residual.mean"] for f in fits]).contiguous(),
+            "residual.basis": torch.stack([f["residual.basis"] for f in fits]).contiguous()}
 
 
 @torch.no_grad()
