@@ -8,7 +8,7 @@ a chosen fit then moves into the package and is checked there with quality.py.
 
 Fits, as key=value after the row's name (NAME:key=value,...):
   components=K        mixture components (the preset's generator.mixture_components: 20)
-  rank=R              rank of the one residual model of the class (the preset's residual_rank: 16)
+  rank=R              rank of the one residual model of the class (16 until round seven)
   per_component=R     instead: a residual model of rank R for each mixture component, fitted to the residuals of
                       the images whose latent that component explains best; a sample adds its own component's
   temperature=T       latent noise scaled by T/100 (below 100: samples nearer the components' means)
@@ -33,7 +33,16 @@ from fedfactory.classifier import predict_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
 from fedfactory.data.images import to_float, to_uint8  # noqa: E402
-from fedfactory.generative.aegmm import fit_mixture, fit_residual, measure_blur, sample_latents  # noqa: E402
+from fedfactory.generative.aegmm import (  # noqa: E402
+    add_residual,
+    component_of,
+    fit_component_residuals,
+    fit_mixture,
+    fit_residual,
+    measure_blur,
+    pick_components,
+    sample_latents,
+)
 from fedfactory.generative.train import build_network, fit_network, network_config, plan_training  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
@@ -53,16 +62,6 @@ def parse_row(text: str) -> tuple[str, dict]:
     return name, fits
 
 
-def component_of(z: torch.Tensor, mixture: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The mixture component with the highest posterior for each latent (N, D): argmax_k log w_k + log N(z; k)."""
-    means, tril = mixture["mixture.means"].double(), mixture["mixture.scale_tril"].double()
-    diff = (z.double()[:, None, :] - means[None]).unsqueeze(-1)  # (N, K, D, 1)
-    sol = torch.linalg.solve_triangular(tril[None], diff, upper=False).squeeze(-1)
-    logdet = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    score = mixture["mixture.log_weights"].double() - logdet - 0.5 * sol.pow(2).sum(-1)
-    return score.argmax(1)
-
-
 @torch.no_grad()
 def fit_class(ema, images: np.ndarray, fits: dict, seed: int) -> dict:
     """The densities of one class under these fits, and the measured blur."""
@@ -72,24 +71,13 @@ def fit_class(ema, images: np.ndarray, fits: dict, seed: int) -> dict:
     mixture = fit_mixture(z, fits["components"], derive_seed(seed, "mixture"))
     out = {"mixture": mixture, "blur": measure_blur(images, recon[:1000]),
            "temperature": fits["temperature"] / 100, "residual_scale": fits["residual_scale"] / 100}
+    # The package's own fits (aegmm.fit_densities), so a chosen row is what the package ships.
     if fits["per_component"]:
-        comp = component_of(z, mixture)
-        k = mixture["mixture.means"].shape[0]
-        means, bases = [], []
-        for j in range(k):
-            rows = torch.nonzero(comp == j).flatten()
-            if len(rows) < 2:
-                means.append(torch.zeros(x.shape[1:]))
-                bases.append(torch.zeros(fits["per_component"], *x.shape[1:]))
-                continue
-            fit = fit_residual(images[rows.numpy()], lambda a, b, r=rows: recon[r[a:b]], fits["per_component"],
-                               derive_seed(seed, "residual", j))
-            means.append(fit["residual.mean"])
-            bases.append(fit["residual.basis"])
-        out["residual"] = (torch.stack(means), torch.stack(bases))
+        out["residual"] = fit_component_residuals(images, lambda rows: recon[rows], component_of(z, mixture),
+                                                  len(mixture["mixture.means"]), fits["per_component"],
+                                                  derive_seed(seed, "residual"))
     elif fits["rank"]:
-        fit = fit_residual(images, lambda a, b: recon[a:b], fits["rank"], derive_seed(seed, "residual"))
-        out["residual"] = (fit["residual.mean"][None], fit["residual.basis"][None])
+        out["residual"] = fit_residual(images, lambda a, b: recon[a:b], fits["rank"], derive_seed(seed, "residual"))
     return out
 
 
@@ -98,20 +86,16 @@ def sample_class(decoder, fitted: dict, n: int, latent_dim: int, gen: torch.Gene
     mixture = {k: v.double() for k, v in fitted["mixture"].items()}
     noise = torch.randn(n, latent_dim, generator=gen, dtype=torch.float64) * fitted["temperature"]
     uniform = torch.rand(n, generator=gen, dtype=torch.float64)
-    z = sample_latents(mixture, noise, uniform)
-    weights = mixture["mixture.log_weights"].softmax(0).cumsum(0)
-    comp = torch.searchsorted(weights, uniform.clamp(max=float(weights[-1]) - 1e-12))  # as sample_latents picks
-    x = decoder(z.float())
+    x = decoder(sample_latents(mixture, noise, uniform).float())
     if "residual" in fitted:
-        mean, basis = fitted["residual"]
-        which = comp if mean.shape[0] > 1 else torch.zeros_like(comp)
-        eps = torch.randn(n, basis.shape[1], generator=gen) * fitted["residual_scale"]
-        x = x + mean[which] + torch.einsum("nr,nrp->np", eps, basis[which].flatten(2)).reshape(x.shape)
+        rank = fitted["residual"]["residual.basis"].shape[-4]
+        eps = torch.randn(n, rank, generator=gen) * fitted["residual_scale"]
+        x = add_residual(x, fitted["residual"], eps, pick_components(mixture, uniform))
     return to_uint8(x.clamp(-1, 1).numpy())
 
 
 def residual_bytes(fitted: dict) -> int:
-    tensors = list(fitted["mixture"].values()) + list(fitted.get("residual", ()))
+    tensors = list(fitted["mixture"].values()) + list(fitted.get("residual", {}).values())
     return sum(t.numel() * 4 for t in tensors)
 
 

@@ -71,7 +71,6 @@ def test_non_finite_loss_stops_training_at_its_step():
     ("generator.adversarial=-1", "generator.adversarial=-1.0: must be >= 0"),
     ("generator.adversarial_start=2", "generator.adversarial_start=2.0: must lie in [0, 1]"),
     ("generator.steps_per_image=-0.5", "generator.steps_per_image=-0.5: must be >= 0"),
-    ("generator.residual_per_component=true", "generator.residual_per_component=true with generator.residual_rank=0"),
 ])
 def test_augmentation_and_generator_budget_keys_refuse_bad_values(override, message):
     with pytest.raises(ConfigError) as e:

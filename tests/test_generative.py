@@ -85,7 +85,8 @@ def test_loss_falls_and_training_is_deterministic(sevens, family):
 
 
 @pytest.mark.parametrize("family, residual_rank, per_component",
-                         [("aegmm", 0, False), ("aegmm", 3, False), ("aegmm", 3, True), ("edm", 0, False)])
+                         [("aegmm", 0, False), ("aegmm", 3, False), ("aegmm", 3, True), ("aegmm", 0, True),
+                          ("edm", 0, False)])
 def test_module_round_trip_and_per_image_sampling(tmp_path, sevens, family, residual_rank, per_component):
     cfg = GeneratorConfig(family=family, steps=5, batch_size=16, channels=8, latent_dim=8, mixture_components=2,
                           sampler_steps=4, residual_rank=residual_rank, residual_per_component=per_component)
@@ -94,11 +95,15 @@ def test_module_round_trip_and_per_image_sampling(tmp_path, sevens, family, resi
                 "num_samples": len(sevens)} | fields
     assert {k: (tuple(v.shape), "float32") for k, v in tensors.items()} == expected_tensors(manifest)
     assert ("residual.basis" in tensors) == (residual_rank > 0)
-    if per_component:  # one residual model per mixture component: (K, r, C, H, W)
+    if per_component and residual_rank:  # one residual model per mixture component: (K, r, C, H, W)
         assert tensors["residual.basis"].shape == (fields["training"]["mixture_size"], 3, 1, 8, 8)
         assert "residual_per_component" in manifest["network"]
-    else:  # the one-residual recipe's manifest is unchanged
+    else:  # the one-residual recipe's manifest is unchanged, and so is a module with no residual model
         assert "residual_per_component" not in manifest["network"]
+    if family == "aegmm":
+        bad = {**manifest, "network": {**manifest["network"], "residual_per_component": 1}}
+        with pytest.raises(ValueError, match="network.residual_per_component must be true or false"):
+            expected_tensors(bad)
     save_module(tmp_path / "m.safetensors", tensors, manifest)
     loaded_manifest, loaded = load_module(tmp_path / "m.safetensors", expected=module_spec)
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)

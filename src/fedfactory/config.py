@@ -53,6 +53,7 @@ class GeneratorConfig:
     residual_rank: int = 0  # aegmm: principal components of the reconstruction residual added back as noise
     # aegmm: one residual model of that rank per mixture component (the residuals of the images it explains best)
     # instead of one for the class; each sample draws from its own component's (aegmm.fit_component_residuals).
+    # Nothing to do at residual_rank 0, so `generator.residual_rank=0` alone turns the residual off (privacy needs it).
     residual_per_component: bool = False
     sampler_steps: int = 18  # edm: Heun steps
     adversarial: float = 0.0  # aegmm: weight of the patch critic's loss on decoded images (0 = plain autoencoder)
@@ -265,10 +266,6 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"generator.adversarial={cfg.generator.adversarial}: must be >= 0 (0 turns it off)")
     if not 0 <= cfg.generator.adversarial_start <= 1:
         raise ConfigError(f"generator.adversarial_start={cfg.generator.adversarial_start}: must lie in [0, 1]")
-    if cfg.generator.residual_per_component and cfg.generator.residual_rank == 0:
-        raise ConfigError("generator.residual_per_component=true with generator.residual_rank=0: there is no residual "
-                          "model to fit per component; set generator.residual_rank > 0 or "
-                          "generator.residual_per_component=false")
     if cfg.data.dataset == "imagefolder" or cfg.data.classes:
         class_list(cfg.data.classes)
     if cfg.data.alpha <= 0:

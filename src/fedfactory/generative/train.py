@@ -59,7 +59,7 @@ def network_config(cfg: GeneratorConfig, image_shape: tuple[int, int, int]) -> d
     if cfg.family == "aegmm":
         net |= {"latent_dim": cfg.latent_dim, "mixture_components": cfg.mixture_components,
                 "residual_rank": cfg.residual_rank}
-        if cfg.residual_per_component:  # absent otherwise, so modules of the one-residual recipe keep their bytes
+        if cfg.residual_per_component and cfg.residual_rank:  # absent otherwise: other modules keep their bytes
             net["residual_per_component"] = True
     return net
 
