@@ -2,17 +2,15 @@
 
 Same protocol as quality.py (Fashion-MNIST silos, 1,000 held-out training images per class, the test set never
 read), but the trained autoencoders are cached and only the ex-post fits change between rows, so a row costs a
-synthesis and a classifier, not ten modules. Every row here samples through this script's own sampler (the
-package's arithmetic, sample_latents then the decoder then the residual), so its rows compare with each other;
-a chosen fit then moves into the package and is checked there with quality.py.
+synthesis and a classifier, not ten modules. The fits are the package's own (aegmm.fit_densities); the sampler is
+the package's arithmetic (sample_latents, the decoder, add_residual) with its own random draws, so the rows compare
+with each other; a chosen fit is then checked through the package with quality.py.
 
 Fits, as key=value after the row's name (NAME:key=value,...):
   components=K        mixture components (the preset's generator.mixture_components: 20)
   rank=R              rank of the one residual model of the class (16 until round seven)
   per_component=R     instead: a residual model of rank R for each mixture component, fitted to the residuals of
                       the images whose latent that component explains best; a sample adds its own component's
-  temperature=T       latent noise scaled by T/100 (below 100: samples nearer the components' means)
-  residual_scale=S    residual noise scaled by S/100
 
   python benchmarks/density_sweep.py --rows base: c50:components=50 pc8:per_component=8 --threads 2
 """
@@ -32,23 +30,14 @@ from quality import validation_split  # noqa: E402
 from fedfactory.classifier import predict_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
-from fedfactory.data.images import to_float, to_uint8  # noqa: E402
-from fedfactory.generative.aegmm import (  # noqa: E402
-    add_residual,
-    component_of,
-    fit_component_residuals,
-    fit_mixture,
-    fit_residual,
-    measure_blur,
-    pick_components,
-    sample_latents,
-)
+from fedfactory.data.images import to_uint8  # noqa: E402
+from fedfactory.generative.aegmm import add_residual, fit_densities, pick_components, sample_latents  # noqa: E402
 from fedfactory.generative.train import build_network, fit_network, network_config, plan_training  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
 from fedfactory.seeding import derive_seed, torch_generator  # noqa: E402
 
-FITS = {"components": 20, "rank": 16, "per_component": 0, "temperature": 100, "residual_scale": 100}
+FITS = {"components": 20, "rank": 16, "per_component": 0}
 
 
 def parse_row(text: str) -> tuple[str, dict]:
@@ -58,45 +47,28 @@ def parse_row(text: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep or key not in FITS:
             raise SystemExit(f"--rows {text!r}: {item!r} is not key=value with key one of {sorted(FITS)}")
+        if not value.isdigit():
+            raise SystemExit(f"--rows {text!r}: {item!r} needs a non-negative integer value")
         fits[key] = int(value)
     return name, fits
 
 
 @torch.no_grad()
-def fit_class(ema, images: np.ndarray, fits: dict, seed: int) -> dict:
-    """The densities of one class under these fits, and the measured blur."""
-    x = torch.from_numpy(to_float(images))
-    z = ema.encoder(x)
-    recon = ema.decoder(z)
-    mixture = fit_mixture(z, fits["components"], derive_seed(seed, "mixture"))
-    out = {"mixture": mixture, "blur": measure_blur(images, recon[:1000]),
-           "temperature": fits["temperature"] / 100, "residual_scale": fits["residual_scale"] / 100}
-    # The package's own fits (aegmm.fit_densities), so a chosen row is what the package ships.
-    if fits["per_component"]:
-        out["residual"] = fit_component_residuals(images, lambda rows: recon[rows], component_of(z, mixture),
-                                                  len(mixture["mixture.means"]), fits["per_component"],
-                                                  derive_seed(seed, "residual"))
-    elif fits["rank"]:
-        out["residual"] = fit_residual(images, lambda a, b: recon[a:b], fits["rank"], derive_seed(seed, "residual"))
-    return out
-
-
-@torch.no_grad()
-def sample_class(decoder, fitted: dict, n: int, latent_dim: int, gen: torch.Generator) -> np.ndarray:
-    mixture = {k: v.double() for k, v in fitted["mixture"].items()}
-    noise = torch.randn(n, latent_dim, generator=gen, dtype=torch.float64) * fitted["temperature"]
+def sample_class(decoder, tensors: dict, n: int, latent_dim: int, gen: torch.Generator) -> np.ndarray:
+    """n images of a class from fit_densities' tensors: latent, decoder, the residual draw (add_residual)."""
+    mixture = {k: v.double() for k, v in tensors.items() if k.startswith("mixture.")}
+    noise = torch.randn(n, latent_dim, generator=gen, dtype=torch.float64)
     uniform = torch.rand(n, generator=gen, dtype=torch.float64)
     x = decoder(sample_latents(mixture, noise, uniform).float())
-    if "residual" in fitted:
-        rank = fitted["residual"]["residual.basis"].shape[-4]
-        eps = torch.randn(n, rank, generator=gen) * fitted["residual_scale"]
-        x = add_residual(x, fitted["residual"], eps, pick_components(mixture, uniform))
+    if "residual.basis" in tensors:
+        eps = torch.randn(n, tensors["residual.basis"].shape[-4], generator=gen)
+        x = add_residual(x, tensors, eps, pick_components(mixture, uniform))
     return to_uint8(x.clamp(-1, 1).numpy())
 
 
-def residual_bytes(fitted: dict) -> int:
-    tensors = list(fitted["mixture"].values()) + list(fitted.get("residual", {}).values())
-    return sum(t.numel() * 4 for t in tensors)
+def density_bytes(tensors: dict) -> int:
+    """Bytes of the mixture and residual tensors (float32), the part of a module these fits change."""
+    return sum(v.numel() * 4 for k, v in tensors.items() if not k.startswith("decoder."))
 
 
 def main():
@@ -140,12 +112,13 @@ def main():
         t0 = time.perf_counter()
         xs, ys, blurs, sizes = [], [], [], []
         for c, (ema, images, seed) in encoders.items():
-            fitted = fit_class(ema, images, fits, seed)
-            xs.append(sample_class(ema.decoder, fitted, args.samples, cfg.generator.latent_dim,
+            rank = fits["per_component"] or fits["rank"]
+            tensors, fields = fit_densities(ema, images, fits["components"], rank, seed, bool(fits["per_component"]))
+            xs.append(sample_class(ema.decoder, tensors, args.samples, cfg.generator.latent_dim,
                                    torch_generator(args.synthesis_seed, "density-sweep", c)))
             ys.append(np.full(args.samples, c))
-            blurs.append(fitted["blur"])
-            sizes.append(residual_bytes(fitted))
+            blurs.append(fields["blur_sigma"])
+            sizes.append(density_bytes(tensors))
         fit_s = time.perf_counter() - t0
         sigma = float(np.mean(blurs))
         model = train_classifier(np.concatenate(xs), np.concatenate(ys), train.num_classes, cfg.classifier, 1, device,
