@@ -2,9 +2,10 @@
 
 Same protocol as quality.py (Fashion-MNIST silos, 1,000 held-out training images per class, the test set never
 read), but the trained autoencoders are cached and only the ex-post fits change between rows, so a row costs a
-synthesis and a classifier, not ten modules. The fits are the package's own (aegmm.fit_densities); the sampler is
-the package's arithmetic (sample_latents, the decoder, add_residual) with its own random draws, so the rows compare
-with each other; a chosen fit is then checked through the package with quality.py.
+synthesis and a classifier, not ten modules. The fits and the draw are the package's own (aegmm.fit_densities,
+aegmm.decode_samples), seeded per row; a chosen fit is then checked through the package with quality.py. Rows
+recorded at commit 27a8857 or earlier drew their own noise in another order (same arithmetic), so rerunning them
+gives other draws.
 
 Fits, as key=value after the row's name (NAME:key=value,...):
   components=K        mixture components (the preset's generator.mixture_components: 20)
@@ -30,8 +31,7 @@ from quality import validation_split  # noqa: E402
 from fedfactory.classifier import predict_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_dataset  # noqa: E402
-from fedfactory.data.images import to_uint8  # noqa: E402
-from fedfactory.generative.aegmm import add_residual, fit_densities, pick_components, sample_latents  # noqa: E402
+from fedfactory.generative.aegmm import decode_samples, fit_densities  # noqa: E402
 from fedfactory.generative.train import build_network, fit_network, network_config, plan_training  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
@@ -53,17 +53,11 @@ def parse_row(text: str) -> tuple[str, dict]:
     return name, fits
 
 
-@torch.no_grad()
 def sample_class(decoder, tensors: dict, n: int, latent_dim: int, gen: torch.Generator) -> np.ndarray:
-    """n images of a class from fit_densities' tensors: latent, decoder, the residual draw (add_residual)."""
-    mixture = {k: v.double() for k, v in tensors.items() if k.startswith("mixture.")}
-    noise = torch.randn(n, latent_dim, generator=gen, dtype=torch.float64)
-    uniform = torch.rand(n, generator=gen, dtype=torch.float64)
-    x = decoder(sample_latents(mixture, noise, uniform).float())
-    if "residual.basis" in tensors:
-        eps = torch.randn(n, tensors["residual.basis"].shape[-4], generator=gen)
-        x = add_residual(x, tensors, eps, pick_components(mixture, uniform))
-    return to_uint8(x.clamp(-1, 1).numpy())
+    """n images of a class from fit_densities' tensors, drawn as a module draws them (aegmm.decode_samples)."""
+    rank = tensors["residual.basis"].shape[-4] if "residual.basis" in tensors else 0
+    noise = torch.randn(n, latent_dim + 1 + rank, generator=gen, dtype=torch.float64)
+    return decode_samples(decoder, tensors, noise, latent_dim, rank)
 
 
 def density_bytes(tensors: dict) -> int:
