@@ -9,6 +9,10 @@ Each variant is a set of GeneratorConfig overrides; its modules are trained thro
 `train_module`, cached under --out, and scored with every classifier recipe asked for.
 
   python benchmarks/quality.py --variant preset500 --set steps=500 --blur 0.8,1.5
+
+Another preset's dataset with --config (its training set only); digits, about 144 images a class, holds out 40:
+
+  python benchmarks/quality.py --config digits --val-per-class 40 --variant digits-s200 --set steps=200
 """
 
 import argparse
@@ -25,7 +29,7 @@ import fedfactory.generative.train as train_lib  # noqa: E402
 import fedfactory.privacy.dp as dp  # noqa: E402
 from fedfactory.classifier import predict_log_proba, predict_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
-from fedfactory.data.datasets import load_dataset  # noqa: E402
+from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.data.partition import split_clients  # noqa: E402
 from fedfactory.federation.client import client_plans, train_client_module  # noqa: E402
 from fedfactory.federation.factory import local_training_set, product_of_experts, synthesize  # noqa: E402
@@ -120,7 +124,9 @@ def main():
     p.add_argument("--tag", default="", help="name of the classifier recipe in the results")
     p.add_argument("--blur", default="", help="classifier input blur sigmas (default: the clients' mean)")
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per class")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=0, help="classifier epochs (default: the config's)")
+    p.add_argument("--val-per-class", type=int, default=1000,
+                   help="validation images held out per class (digits holds about 144 a class: use 40)")
     p.add_argument("--residual-rank", type=int, default=-1,
                    help="keep only the first N residual directions (an exact SVD's truncation is the rank-N fit)")
     p.add_argument("--local", action="store_true", help="score local mode (product of experts) instead")
@@ -158,11 +164,12 @@ def main():
     # The package's own override parser: types are checked and an unknown key is refused with the valid ones.
     cfg = load_config(args.config, [f"generator.{s}" for s in args.set] + [f"classifier.{s}" for s in args.cls]
                       + [f"privacy.{s}" for s in args.privacy] + [f"data.{s}" for s in args.data]
-                      + [f"classifier.epochs={args.epochs}", f"synthesis.local_synthetic={args.local_synthetic}"])
+                      + [f"classifier.epochs={args.epochs}"] * (args.epochs > 0)
+                      + [f"synthesis.local_synthetic={args.local_synthetic}"])
     gcfg, ccfg = cfg.generator, cfg.classifier
     overrides = {k: getattr(gcfg, k) for k, _ in (s.split("=", 1) for s in args.set)}
-    train, _ = load_dataset("fashion-mnist", None, 0)
-    fit_rows, val_rows = validation_split(train.labels)
+    train, _ = load_data(cfg.data)  # the config's dataset; only its training set is read
+    fit_rows, val_rows = validation_split(train.labels, args.val_per_class)
     fit, val = train.subset(fit_rows), train.subset(val_rows)
 
     cached = []  # every module's saved dict: manifest, tensors, training seconds, bytes
@@ -254,7 +261,8 @@ def main():
             if args.save_probs:
                 np.savez_compressed(args.save_probs, probs=np.stack(members), labels=val.labels)
         m = evaluate(proba, val.labels, val.class_names)
-        row = {"variant": args.variant + (f"+{args.extra}" if args.extra else ""), "generator": overrides,
+        row = {"config": args.config, "variant": args.variant + (f"+{args.extra}" if args.extra else ""),
+               "generator": overrides, "val_per_class": args.val_per_class,
                "data": {k: getattr(cfg.data, k) for k, _ in (s.split("=", 1) for s in args.data)},
                "classifier": cls,
                "dp_constants": args.dp_constant,
@@ -262,7 +270,7 @@ def main():
                "mode": "local" if args.local else "server", "tag": args.tag,
                "local_synthetic": args.local_synthetic if args.local else None,
                "residual_rank": modules[0][0]["network"].get("residual_rank", 0),
-               "blur": sigma, "clients_blur": blurs, "samples_per_class": args.samples, "epochs": args.epochs,
+               "blur": sigma, "clients_blur": blurs, "samples_per_class": args.samples, "epochs": ccfg.epochs,
                "ensemble": 1 if args.local else args.ensemble, "ensemble_data": args.ensemble_data,
                "val_accuracy": round(m["accuracy"], 4),
                "per_class": [round(a, 3) for a in m["per_class_accuracy"].values()],

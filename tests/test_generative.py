@@ -178,6 +178,10 @@ def test_compute_follows_data(sevens):
     floor = GeneratorConfig(steps=1000, steps_per_image=0.2, min_steps=600)
     assert [planned_steps(floor, n) for n in (15, 2500, 4000, 60000)] == [600, 600, 800, 1000]
     assert planned_steps(GeneratorConfig(steps=300, steps_per_image=0.2, min_steps=600), 15) == 300
+    # An epoch cap overrides the floor for the small cells only: 40 passes of 64-image batches.
+    capped = GeneratorConfig(steps=1000, steps_per_image=0.2, min_steps=500, max_epochs=40, batch_size=64)
+    assert [planned_steps(capped, n) for n in (1, 57, 400, 800, 2500, 60000)] == [1, 36, 250, 500, 500, 1000]
+    assert planned_steps(GeneratorConfig(steps=1000, max_epochs=40), 64) == 40
     small = GeneratorConfig(steps=300, steps_per_image=0.5, batch_size=8, channels=4, latent_dim=4,
                             mixture_components=2)
     _, fields = train_module(sevens[:10], small, plan_training(small, 10, 0), CPU, progress=False)

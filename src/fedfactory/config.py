@@ -45,6 +45,7 @@ class GeneratorConfig:
     steps: int = 3000  # optimizer steps per module (the most, with steps_per_image)
     steps_per_image: float = 0.0  # > 0: a module of n images trains min(steps, max(min_steps, n * this)) steps
     min_steps: int = 200  # the floor of that data-proportional budget (train.planned_steps)
+    max_epochs: int = 0  # > 0: no module trains more than this many passes over its images (0 = no cap)
     batch_size: int = 64
     lr: float = 2e-3
     channels: int = 32  # base width of the network
@@ -188,6 +189,7 @@ POSITIVE = {
     ("generator", "steps"): 1, ("generator", "batch_size"): 1, ("generator", "channels"): 1,
     ("generator", "latent_dim"): 1, ("generator", "residual_rank"): 0, ("generator", "mixture_components"): 1,
     ("generator", "sampler_steps"): 1, ("generator", "min_samples"): 1, ("generator", "min_steps"): 1,
+    ("generator", "max_epochs"): 0,
     ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1,
     ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "batch_size"): 1,
     ("baselines", "rounds"): 1, ("baselines", "local_epochs"): 1, ("baselines", "local_steps"): 0,

@@ -112,10 +112,16 @@ def planned_steps(cfg: GeneratorConfig, num_images: int) -> int:
     one, and any split of the same dataset trains in about the same total time. The floor matters on skewed splits:
     an autoencoder needs a number of optimizer steps to converge whatever its data size, and a 2,000-image cell at
     200 steps decodes blurrier than a 5,000-image one at 500 (benchmarks/results/quality-round2.md, round five).
+    generator.max_epochs > 0 caps any budget at that many passes over the images (batch_size images a step, at
+    least one step): the floor's 500 steps are 560 epochs of a 57-image cell, time spent learning those images by
+    heart, and a split with many small cells then takes far longer than the silos.
     """
-    if cfg.steps_per_image <= 0:
-        return cfg.steps
-    return min(cfg.steps, max(cfg.min_steps, math.ceil(num_images * cfg.steps_per_image)))
+    steps = cfg.steps
+    if cfg.steps_per_image > 0:
+        steps = min(cfg.steps, max(cfg.min_steps, math.ceil(num_images * cfg.steps_per_image)))
+    if cfg.max_epochs > 0:
+        steps = min(steps, max(1, math.ceil(cfg.max_epochs * num_images / cfg.batch_size)))
+    return steps
 
 
 def requested_training(cfg: GeneratorConfig, num_images: int, seed: int,
