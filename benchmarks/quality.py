@@ -53,6 +53,17 @@ def validation_split(labels: np.ndarray, per_class: int = 1000, seed: int = 123)
     return np.setdiff1d(np.arange(len(labels)), val), val
 
 
+def load_cached(path: Path, num_images: int, image_shape: list[int]) -> dict:
+    """A cached module, refused if it was trained on other images (the cache key is only the variant's name, so
+    another --config, --val-per-class or --data under the same name would otherwise be scored silently)."""
+    saved = torch.load(path, weights_only=False)
+    m = saved["manifest"]
+    if m["num_samples"] != num_images or list(m["image_shape"]) != image_shape:
+        raise SystemExit(f"{path}: cached for {m['num_samples']} images of shape {m['image_shape']}, this row has "
+                         f"{num_images} of {image_shape}; name another --variant or delete {path.parent}")
+    return saved
+
+
 def truncate_residual(manifest: dict, tensors: dict, rank: int) -> tuple[dict, dict]:
     """The module with only its first `rank` residual directions (0 drops the residual model)."""
     if rank > manifest["network"].get("residual_rank", 0):
@@ -171,6 +182,11 @@ def main():
     train, _ = load_data(cfg.data)  # the config's dataset; only its training set is read
     fit_rows, val_rows = validation_split(train.labels, args.val_per_class)
     fit, val = train.subset(fit_rows), train.subset(val_rows)
+    smallest = int(np.bincount(train.labels, minlength=train.num_classes).min())
+    if not 1 <= args.val_per_class < smallest:
+        p.error(f"--val-per-class {args.val_per_class}: must be >= 1 and leave every class training images (the "
+                f"smallest class of {args.config} has {smallest})")
+    shape = [train.images.shape[3], train.images.shape[1], train.images.shape[2]]
 
     cached = []  # every module's saved dict: manifest, tensors, training seconds, bytes
     if args.data:
@@ -182,7 +198,7 @@ def main():
             for mid, plan in client_plans(client, k, cfg).items():
                 path = out / f"{mid}.pt"
                 if path.exists():
-                    saved = torch.load(path, weights_only=False)
+                    saved = load_cached(path, plan.num_images, shape)
                 else:
                     t0 = time.perf_counter()
                     manifest, tensors = train_client_module(client, plan, gcfg, device, progress=False)
@@ -197,7 +213,7 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"class-{c}.pt"
         if path.exists():
-            saved = torch.load(path, weights_only=False)
+            saved = load_cached(path, int((fit.labels == c).sum()), shape)
             if client0:
                 saved["manifest"] = {**saved["manifest"], "module_id": module_id(client0 + c, c),
                                      "client_id": client0 + c}

@@ -21,6 +21,7 @@ def test_unknown_key_lists_valid_keys():
     ("data.partition=random", "valid values are iid, pathological, dirichlet, natural"),
     ("reference.centralized=maybe", "expected bool"),
     ("synthesis.samples_per_class=-1", "must be >= 1"),
+    ("generator.max_epochs=-1", "must be >= 0"),
     ("steps=3", "unknown config key"),
     ("generator.steps", "section.key=value"),
 ])
