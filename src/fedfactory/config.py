@@ -21,6 +21,9 @@ class RunConfig:
     out: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads for torch; 0 = all cores
+    # Processes that train a run's modules (and local mode's experts) side by side, threads split among them
+    # (fedfactory.workers); 1 = one after another in this process.
+    workers: int = 1
     progress: bool = True  # tqdm bars on stderr
 
 
@@ -184,7 +187,7 @@ CHOICES = {
 }
 AUGMENTATIONS = ("flip", "crop", "blur", "noise")  # classifier.augment joins any of these with "+"
 POSITIVE = {
-    ("run", "threads"): 0, ("data", "num_clients"): 1, ("data", "classes_per_client"): 1,
+    ("run", "threads"): 0, ("run", "workers"): 1, ("data", "num_clients"): 1, ("data", "classes_per_client"): 1,
     ("data", "min_partition_size"): 0, ("data", "image_size"): 0,
     ("generator", "steps"): 1, ("generator", "batch_size"): 1, ("generator", "channels"): 1,
     ("generator", "latent_dim"): 1, ("generator", "residual_rank"): 0, ("generator", "mixture_components"): 1,

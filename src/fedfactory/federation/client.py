@@ -1,7 +1,8 @@
 """What a client does: train one generative module per class it holds, from scratch, on its own data, and check
 each one before it may leave the site (the release check: a module that replays its images stays home)."""
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ from fedfactory.data.partition import implied_cells
 from fedfactory.federation.plan import ModulePlan, plan_modules
 from fedfactory.generative.train import train_module
 from fedfactory.registry import Module
+from fedfactory.workers import run_jobs
 
 
 def held_classes(data: ImageDataset, min_samples: int = 1) -> dict[int, int]:
@@ -43,23 +45,45 @@ class Trained:
 
     module: Module
     release: dict
+    seconds: float = 0.0  # training and release check, wall clock in the process that ran them
 
     @property
     def released(self) -> bool:
         return self.release["released"]
 
 
+Job = tuple[ImageDataset, ModulePlan, Config, torch.device]
+
+
+def train_and_check(job: Job) -> Trained:
+    """Train one planned module on a client's images of its class and run the release check on it (a run_jobs job;
+    the progress bar only where one process trains)."""
+    data, plan, cfg, device = job
+    t0 = time.perf_counter()
+    module = train_client_module(data, plan, cfg.generator, device, progress=cfg.run.progress and cfg.run.workers == 1)
+    members = data.images[data.labels == plan.class_id]
+    release = release_check(module, members, cfg.run.seed, cfg.release.max_copy_fraction, device)
+    return Trained(module, release, time.perf_counter() - t0)
+
+
+def module_jobs(data: ImageDataset, plans: Iterable[ModulePlan], cfg: Config, device: torch.device) -> list[Job]:
+    """One train_and_check job per plan, each holding only the client's images of the plan's class (what a worker
+    process is sent)."""
+    return [(data.subset(np.flatnonzero(data.labels == plan.class_id)), plan, cfg, device) for plan in plans]
+
+
+def train_modules(jobs: list[Job], workers: int) -> Iterator[Trained]:
+    """train_and_check every job, on `workers` processes (fedfactory.workers.run_jobs), yielded in the jobs' order."""
+    device = jobs[0][3] if jobs else torch.device("cpu")
+    return run_jobs(train_and_check, jobs, workers, device, cost=lambda job: job[1].training.steps)
+
+
 def train_client_modules(data: ImageDataset, plans: dict[str, ModulePlan], cfg: Config, device: torch.device,
                          skip: Callable[[ModulePlan], bool] = lambda plan: False) -> Iterator[Trained]:
     """Train each planned module of this client (client_plans) unless skip(plan), and check each before release
-    against the client's images of its class.
+    against the client's images of its class; run.workers of them side by side.
 
     The check samples with the run seed, so its verdict is deterministic: a withheld module is withheld again on a
     rerun, and exact unlearning's verification reproduces it.
     """
-    for plan in plans.values():
-        if skip(plan):
-            continue
-        module = train_client_module(data, plan, cfg.generator, device, progress=cfg.run.progress)
-        members = data.images[data.labels == plan.class_id]
-        yield Trained(module, release_check(module, members, cfg.run.seed, cfg.release.max_copy_fraction, device))
+    return train_modules(module_jobs(data, [p for p in plans.values() if not skip(p)], cfg, device), cfg.run.workers)

@@ -22,10 +22,11 @@ from fedfactory.data.datasets import load_data
 from fedfactory.data.images import ImageDataset
 from fedfactory.data.partition import class_histogram, format_histogram, implied_cells, split_clients
 from fedfactory.device import select_device
-from fedfactory.federation.client import Trained, train_client_modules
+from fedfactory.federation.client import Trained, module_jobs, train_modules
 from fedfactory.federation.factory import (
     bytes_per_client,
     combine_experts,
+    local_synthetic_count,
     local_training_set,
     module_guarantees,
     synthesize,
@@ -49,6 +50,7 @@ from fedfactory.registry import Module, load_registry, load_registry_file
 from fedfactory.report import write_report, write_samples_png
 from fedfactory.runs import Timer, atomic_write_bytes, atomic_write_json, check_run_dir, prepare_run_dir, setup_logging
 from fedfactory.seeding import derive_seed
+from fedfactory.workers import run_jobs
 
 log = logging.getLogger("fedfactory")
 
@@ -135,24 +137,27 @@ def train_all_modules(ctx: RunContext) -> None:
                      kept[plan.module_id], plan.num_images)
         return plan.module_id in reusable
 
+    jobs = []
     for k, rows in enumerate(parts):
         client = train.subset(rows)
-        mine = {mid: p for mid, p in plans.items() if p.client_id == k}
         few = {c: int(n) for c, n in enumerate(hist[k]) if 0 < n < cfg.generator.min_samples}
         if few:
             log.info("client %d: no module for %s (fewer than generator.min_samples=%d images)", k,
                      ", ".join(f"class {c} ({n} images)" for c, n in few.items()), cfg.generator.min_samples)
+        jobs += module_jobs(client, [p for p in plans.values() if p.client_id == k and not reuse(p)], cfg, ctx.device)
 
-        t0 = time.perf_counter()
-        for trained in train_client_modules(client, mine, cfg, ctx.device, skip=reuse):
-            dt = time.perf_counter() - t0
-            ctx.timer.add("client_training", dt)
-            if keep_released(out, trained) is not None:
-                manifest = trained.module.manifest
-                log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", k, manifest["class_id"],
-                         manifest["class_name"], manifest["num_samples"], manifest["training"]["steps"], dt,
-                         (out / "modules" / module_filename(manifest["module_id"])).stat().st_size)
-            t0 = time.perf_counter()
+    # Every client's modules, run.workers at a time: in a federation each site trains on its own machine.
+    if not jobs:
+        return
+    t0 = time.perf_counter()
+    for trained in train_modules(jobs, cfg.run.workers):
+        if keep_released(out, trained) is not None:
+            manifest = trained.module.manifest
+            log.info("client %d class %d (%s): %d images, %d steps in %.1fs, %d bytes", manifest["client_id"],
+                     manifest["class_id"], manifest["class_name"], manifest["num_samples"],
+                     manifest["training"]["steps"], trained.seconds,
+                     (out / "modules" / module_filename(manifest["module_id"])).stat().st_size)
+    ctx.timer.add("client_training", time.perf_counter() - t0)
 
 
 def keep_released(out: Path, trained: Trained) -> dict | None:
@@ -288,6 +293,47 @@ def expert_path(out: Path, client_id: int) -> Path:
     return out / "experts" / f"{client_name(client_id)}.safetensors"
 
 
+@dataclass(frozen=True)
+class ExpertJob:
+    """What local mode's client k needs to train its expert (train_expert), in a worker process or here."""
+
+    client_id: int
+    client: ImageDataset  # its real images
+    modules: list[Module]  # every module it receives
+    test_images: np.ndarray
+    cfg: Config
+    input_blur: float
+    device: torch.device
+
+    def cost(self) -> int:
+        """Images the expert trains on (real, plus synthetic where the client holds too few)."""
+        counts = np.bincount(self.client.labels, minlength=self.client.num_classes)
+        received = {m["class_id"] for m, _ in self.modules}
+        return int(counts.sum()) + sum(local_synthetic_count(int(n), self.cfg.synthesis.samples_per_class,
+                                                             self.cfg.synthesis.local_synthetic)
+                                       for c, n in enumerate(counts) if c in received)
+
+
+def train_expert(job: ExpertJob) -> tuple[torch.nn.Module, np.ndarray, dict[str, int], dict[str, float]]:
+    """Local mode, one client: its training set (local_training_set), its expert, the expert's test
+    log-probabilities; with the synthesis plan and each step's seconds."""
+    cfg, device, seconds = job.cfg, job.device, {}
+    t0 = time.perf_counter()
+    images, labels, plan = local_training_set(job.client, job.modules, cfg.synthesis.samples_per_class, cfg.run.seed,
+                                              device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
+    seconds["synthesis"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = train_classifier(images, labels, job.client.num_classes, cfg.classifier,
+                             derive_seed(cfg.run.seed, "classifier", job.client_id), device,
+                             desc=f"expert {job.client_id}", progress=cfg.run.progress and cfg.run.workers == 1,
+                             input_blur=job.input_blur)
+    seconds["classifier"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    log_probs = predict_log_proba(model, job.test_images, device)
+    seconds["evaluation"] = time.perf_counter() - t0
+    return model, log_probs, plan, seconds
+
+
 def local_stage(ctx: RunContext, modules: list[Module]) -> dict:
     """Local mode: each client with data trains an expert on its real data and the modules it receives (every
     other client's); the experts' predictions are combined by classifier.combine (combine_experts). Writes experts/
@@ -301,28 +347,19 @@ def local_stage(ctx: RunContext, modules: list[Module]) -> dict:
     log_probs, plans, expert_accuracy = [], {}, {}
     # A client whose every row was withdrawn has no data, no modules and no expert, and receives nothing.
     experts = [k for k, rows in enumerate(parts) if len(rows)]
-    for k in experts:
-        client = train.subset(parts[k])
-
-        t0 = time.perf_counter()
-        images, labels, plans[str(k)] = local_training_set(client, modules, cfg.synthesis.samples_per_class,
-                                                           cfg.run.seed, device, cfg.synthesis.batch_size,
-                                                           cfg.synthesis.local_synthetic)
-        timer.add("synthesis", time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        model = train_classifier(images, labels, train.num_classes, cfg.classifier,
-                                 derive_seed(cfg.run.seed, "classifier", k), device, desc=f"expert {k}",
-                                 progress=cfg.run.progress, input_blur=blur)
-        timer.add("classifier", time.perf_counter() - t0)
-        save_classifier(model, expert_path(out, k))
-
-        t0 = time.perf_counter()
-        log_probs.append(predict_log_proba(model, test.images, device))
-        expert_accuracy[str(k)] = float((log_probs[-1].argmax(1) == test.labels).mean())
-        timer.add("evaluation", time.perf_counter() - t0)
-        log.info("expert %d: %d real + %d synthetic images, alone %.4f on the test set", k, len(client),
-                 len(images) - len(client), expert_accuracy[str(k)])
+    jobs = [ExpertJob(k, train.subset(parts[k]), modules, test.images, cfg, blur, device) for k in experts]
+    # run.workers experts at a time: in a federation each site trains its own. The stage timings below add up each
+    # expert's seconds, so with several workers they can exceed the wall clock (end_to_end).
+    for job, (model, lp, plan, seconds) in zip(jobs, run_jobs(train_expert, jobs, cfg.run.workers, device,
+                                                              cost=ExpertJob.cost), strict=True):
+        for stage, dt in seconds.items():
+            timer.add(stage, dt)
+        save_classifier(model, expert_path(out, job.client_id))
+        plans[str(job.client_id)] = plan
+        log_probs.append(lp)
+        expert_accuracy[str(job.client_id)] = float((lp.argmax(1) == test.labels).mean())
+        log.info("expert %d: %d real + %d synthetic images, alone %.4f on the test set", job.client_id,
+                 len(job.client), sum(plan.values()), expert_accuracy[str(job.client_id)])
     if not log_probs:
         raise ValueError("local mode: no client holds any data, so there is no expert to combine")
 

@@ -104,6 +104,11 @@ def expected_tensors(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), "float32") for k, v in model.state_dict().items()}
 
 
+def _training_plan(family: str, num_images: int, seed: int, requested: dict, privacy: PrivacyPlan | None
+                   ) -> "TrainingPlan":
+    return TrainingPlan(family, num_images, seed, MappingProxyType(requested), privacy)
+
+
 def planned_steps(cfg: GeneratorConfig, num_images: int) -> int:
     """Optimizer steps for a module of num_images images.
 
@@ -156,6 +161,10 @@ class TrainingPlan:
     seed: int
     requested: Mapping[str, object]  # read-only: requested_training(cfg, num_images, seed, privacy)
     privacy: PrivacyPlan | None
+
+    def __reduce__(self):
+        # A mapping proxy does not pickle; a plan travels to worker processes (run.workers) as a plain dict.
+        return _training_plan, (self.family, self.num_images, self.seed, dict(self.requested), self.privacy)
 
     @property
     def steps(self) -> int:

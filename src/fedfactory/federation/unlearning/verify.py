@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedfactory.federation.client import client_plans, train_client_modules
+from fedfactory.federation.client import client_plans, module_jobs, train_modules
 from fedfactory.federation.runner import RunContext, factory_stage, keep_released, read_release, record_release
 from fedfactory.federation.unlearning.certificate import trained_record
 from fedfactory.federation.unlearning.plan import TRAINED
 from fedfactory.registry import Module, load_registry
 from fedfactory.runs import Timer
+from fedfactory.workers import job_threads
 
 _UNCOMPARED_METRICS = ("timings", "bytes")  # left out of the verification's metrics comparison (see there)
 DEPLOYMENT_SKIPPED = ("verification retrains the remaining modules from their real images, which stay at the sites "
@@ -71,21 +72,22 @@ def verify_from_scratch(ctx: RunContext, expected: dict[str, Module], unlearned_
                 shutil.copyfile(path, tmp / "modules" / path.name)
             record_release(tmp, list(read_release(unlearned_dir).values()))
             trained = set(expected)
-        for k, rows in enumerate([] if private else parts):
-            client = train.subset(rows)
-            for t in train_client_modules(client, client_plans(client, k, cfg), cfg, device):
-                # The release check runs again; a withheld module must be withheld again (metrics["release"]).
-                full = keep_released(tmp, t)
-                if full is None:
-                    continue
-                tensors = t.module.tensors
-                mid = full["module_id"]
-                trained.add(mid)
-                if mid not in expected or full["weights_sha256"] != expected[mid].manifest["weights_sha256"]:
-                    module_mismatches.append(mid)
-                    if module_difference is None and mid in expected:
-                        found = first_difference(expected[mid].tensors, tensors) or {"reason": "weights hash differs"}
-                        module_difference = {"module_id": mid} | found
+        jobs = [job for k, rows in enumerate([] if private else parts)
+                for job in module_jobs(train.subset(rows), client_plans(train.subset(rows), k, cfg).values(), cfg,
+                                       device)]
+        for t in train_modules(jobs, cfg.run.workers):
+            # The release check runs again; a withheld module must be withheld again (metrics["release"]).
+            full = keep_released(tmp, t)
+            if full is None:
+                continue
+            tensors = t.module.tensors
+            mid = full["module_id"]
+            trained.add(mid)
+            if mid not in expected or full["weights_sha256"] != expected[mid].manifest["weights_sha256"]:
+                module_mismatches.append(mid)
+                if module_difference is None and mid in expected:
+                    found = first_difference(expected[mid].tensors, tensors) or {"reason": "weights hash differs"}
+                    module_difference = {"module_id": mid} | found
         missing = sorted(expected.keys() - trained)
         # The same synthesis, classifier and evaluation; the timer is the verification's own.
         metrics = factory_stage(replace(ctx, out=tmp, timer=Timer()), load_registry(tmp / "modules"))
@@ -104,7 +106,7 @@ def verify_from_scratch(ctx: RunContext, expected: dict[str, Module], unlearned_
         summary += " (private modules: kept as they are, not retrained, since their noise is secret by design)"
     if module_mismatches:
         # CPU kernels split reductions by thread, so bits match only at the thread count that trained the modules.
-        summary += (f" (retrained with {torch.get_num_threads()} torch threads on {device}; modules are "
+        summary += (f" (retrained with {job_threads(cfg.run.workers)} torch threads a module on {device}; modules are "
                     "bit-reproducible only on the same device type and thread count as the original run: set "
                     "OMP_NUM_THREADS to the original's)")
     return {"verified": verified, "summary": summary, "modules_retrained": len(trained),
