@@ -1,0 +1,92 @@
+"""Whether calibrating local mode's experts would help the holders rule, on the validation split.
+
+Under `holders` (Fashion-MNIST silos) class c is scored by expert c's log p_c(c | x) alone, so the experts' scores are
+compared with each other as they come. If one expert were over-confident, a per-expert calibration would move the
+decision. A client can calibrate its expert only with what it holds, its own real images of its class; so each rule
+below is fitted on half of every class's validation images (expert c sees its class's half only) and all rules are
+scored on the other half. The last rule cheats on purpose: a per-class bias fitted with every class's real images (no
+client has them), an upper bound on what any per-expert shift could give. The test set is never read.
+
+  python benchmarks/calibrate_local.py /work/scratch/lp/pc8-local.npz
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A boolean mask: half of every class's rows (the calibration half), drawn with `seed`."""
+    rng, mask = np.random.default_rng(seed), np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        mask[rows[: len(rows) // 2]] = True
+    return mask
+
+
+def rules(lp: np.ndarray, labels: np.ndarray, cal: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores (N, C) of each rule from the experts' log-probabilities (K = C, N, C); expert c holds class c."""
+    num_classes = lp.shape[2]
+    own = np.stack([lp[c, :, c] for c in range(num_classes)], 1)  # log p_c(c | x), the holders rule's scores
+    logit = own - np.log(-np.expm1(np.minimum(own, -1e-12)))  # log p / (1 - p): the same order as own, unbounded
+    positives = [np.sort(logit[cal & (labels == c), c]) for c in range(num_classes)]
+    out = {"holders (as shipped)": own,
+           # Each expert's score as the share of its own held-out images it beats (a rank, comparable across experts).
+           "own-image rank": np.stack([np.searchsorted(p, logit[:, c]) / len(p) for c, p in enumerate(positives)], 1)
+           + 1e-9 * logit,
+           # Each expert's logit standardized by its own held-out images' mean and spread.
+           "own-image z-score": np.stack([(logit[:, c] - p.mean()) / p.std() for c, p in enumerate(positives)], 1)}
+    # Upper bound (not available to any client): per-class biases that balance recall against false positives,
+    # fitted on the calibration half with every class's images.
+    bias = np.zeros(num_classes)
+    for _ in range(300):
+        pred = (logit + bias)[cal].argmax(1)
+        for c in range(num_classes):
+            recall = (pred[labels[cal] == c] == c).mean()
+            false_pos = ((pred == c) & (labels[cal] != c)).mean()
+            bias[c] += 0.05 * ((1 - recall) - num_classes * false_pos)
+    out["per-class bias, all classes' images (bound)"] = logit + bias
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("file", help="quality.py --local --save-log-probs output (silos)")
+    p.add_argument("--results", default=str(RESULTS / "calibrate-fashion-mnist-silos"))
+    args = p.parse_args()
+    if not Path(args.file).is_file():
+        raise SystemExit(f"{args.file}: no such file; make it with benchmarks/quality.py --local --save-log-probs")
+    d = np.load(args.file)
+    lp, labels = d["log_probs"].astype(np.float64), d["labels"]
+    if lp.shape[0] != lp.shape[2]:
+        raise SystemExit(f"{args.file}: {lp.shape[0]} experts for {lp.shape[2]} classes; silos need one per class")
+    cal = halves(labels)
+    held_out = ~cal
+    rows = {}
+    for name, scores in rules(lp, labels, cal).items():
+        pred = scores[held_out].argmax(1)
+        per_class = [float((pred[labels[held_out] == c] == c).mean()) for c in range(lp.shape[2])]
+        rows[name] = {"accuracy": round(float((pred == labels[held_out]).mean()), 4),
+                      "per_class": [round(a, 3) for a in per_class]}
+    source = provenance(__file__, sys.argv[1:])
+    atomic_write_json(Path(args.results + ".json"), source | {"file": Path(args.file).name,
+                                                               "scored_images": int(held_out.sum()), "rules": rows})
+    lines = ["# Calibrating local mode's experts (Fashion-MNIST silos, validation split)", "", provenance_line(source),
+             "", __doc__.split("\n\n")[1].replace("\n", " "), "",
+             f"Scored on {int(held_out.sum())} validation images (the half no rule was fitted on).", "",
+             "| rule | accuracy | T-shirt | pullover | coat | shirt |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        pc = r["per_class"]
+        lines.append(f"| {name} | {r['accuracy']:.4f} | {pc[0]:.3f} | {pc[2]:.3f} | {pc[4]:.3f} | {pc[6]:.3f} |")
+    atomic_write_text(Path(args.results + ".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
