@@ -31,8 +31,10 @@ def halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def rules(lp: np.ndarray, labels: np.ndarray, cal: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores (N, C) of each rule from the experts' log-probabilities (K = C, N, C); expert c holds class c."""
+def rules(lp: np.ndarray, labels: np.ndarray, cal: np.ndarray,
+          server: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Scores (N, C) of each rule from the experts' log-probabilities (K = C, N, C), expert c holding class c, and
+    optionally a server-mode classifier's probabilities (N, C) on the same images."""
     num_classes = lp.shape[2]
     own = np.stack([lp[c, :, c] for c in range(num_classes)], 1)  # log p_c(c | x), the holders rule's scores
     logit = own - np.log(-np.expm1(np.minimum(own, -1e-12)))  # log p / (1 - p): the same order as own, unbounded
@@ -53,12 +55,22 @@ def rules(lp: np.ndarray, labels: np.ndarray, cal: np.ndarray) -> dict[str, np.n
             accuracy = [((logit[cal] + b).argmax(1) == labels[cal]).mean() for b in trial]
             bias[c] = grid[int(np.argmax(accuracy))]
     out["per-class bias, all classes' images (no client has them)"] = logit + bias
+    if server is not None:
+        # One more expert: the server-mode classifier (synthetic images only, the modules every client receives),
+        # its log-probabilities added with a weight fitted on the calibration half.
+        log_server = np.log(np.maximum(server, 1e-12))
+        weights = np.linspace(0, 2, 21)
+        best = max(weights, key=lambda w: ((own + w * log_server)[cal].argmax(1) == labels[cal]).mean())
+        out["server classifier alone"] = log_server
+        out["holders + server classifier, weight 1"] = own + log_server
+        out[f"holders + server classifier, weight fitted ({best:.1f})"] = own + best * log_server
     return out
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("file", help="quality.py --local --save-log-probs output (silos)")
+    p.add_argument("--server", help="quality.py --save-probs output on the same validation images (server mode)")
     p.add_argument("--results", default=str(RESULTS / "calibrate-fashion-mnist-silos"))
     args = p.parse_args()
     if not Path(args.file).is_file():
@@ -67,16 +79,24 @@ def main():
     lp, labels = d["log_probs"].astype(np.float64), d["labels"]
     if lp.shape[0] != lp.shape[2]:
         raise SystemExit(f"{args.file}: {lp.shape[0]} experts for {lp.shape[2]} classes; silos need one per class")
+    server = None
+    if args.server:
+        if not Path(args.server).is_file():
+            raise SystemExit(f"{args.server}: no such file; make it with benchmarks/quality.py --save-probs")
+        s = np.load(args.server)
+        if not np.array_equal(s["labels"], labels):
+            raise SystemExit(f"{args.server} holds other validation images than {args.file} (labels differ)")
+        server = s["probs"][0].astype(np.float64)
     cal = halves(labels)
     held_out = ~cal
     rows = {}
-    for name, scores in rules(lp, labels, cal).items():
+    for name, scores in rules(lp, labels, cal, server).items():
         pred = scores[held_out].argmax(1)
         per_class = [float((pred[labels[held_out] == c] == c).mean()) for c in range(lp.shape[2])]
         rows[name] = {"accuracy": round(float((pred == labels[held_out]).mean()), 4),
                       "per_class": [round(a, 3) for a in per_class]}
     source = provenance(__file__, sys.argv[1:])
-    atomic_write_json(Path(args.results + ".json"), source | {"file": Path(args.file).name,
+    atomic_write_json(Path(args.results + ".json"), source | {"file": Path(args.file).name, "server": args.server,
                                                                "scored_images": int(held_out.sum()), "rules": rows})
     lines = ["# Calibrating local mode's experts (Fashion-MNIST silos, validation split)", "", provenance_line(source),
              "", __doc__.split("\n\n")[1].replace("\n", " "), "",

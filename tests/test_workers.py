@@ -19,11 +19,13 @@ def file_bytes(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
-def test_run_jobs_keeps_the_order_of_the_jobs_whatever_runs_first():
+def test_run_jobs_keeps_the_order_of_the_jobs_unless_asked_not_to():
     jobs = [4.0, 81.0, 9.0, 16.0]
     # The costliest job starts first, yet results come back in the jobs' order.
     assert list(run_jobs(math.sqrt, jobs, workers=2, device=CPU, cost=lambda x: x)) == [2.0, 9.0, 3.0, 4.0]
     assert list(run_jobs(math.sqrt, jobs, workers=1, device=CPU)) == [2.0, 9.0, 3.0, 4.0]
+    # Or as they finish (modules are written at once, so a stopped run keeps every finished one).
+    assert sorted(run_jobs(math.sqrt, jobs, workers=2, device=CPU, in_order=False)) == [2.0, 3.0, 4.0, 9.0]
     assert list(run_jobs(math.sqrt, [], workers=2, device=CPU)) == []
 
 

@@ -10,7 +10,7 @@ config: job_threads.
 
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -34,8 +34,9 @@ def _start_worker(threads: int) -> None:
 
 
 def run_jobs(fn: Callable[[J], R], jobs: Iterable[J], workers: int, device: torch.device,
-             cost: Callable[[J], float] | None = None) -> Iterator[R]:
-    """fn(job) for each job, yielded in the order of `jobs`.
+             cost: Callable[[J], float] | None = None, in_order: bool = True) -> Iterator[R]:
+    """fn(job) for each job, yielded in the order of `jobs`, or as they finish where in_order is False (a caller
+    that writes each result at once keeps every finished one if the run is stopped).
 
     workers=1 runs them here, one after another. workers > 1 runs them in that many spawned processes of
     job_threads(workers) torch threads each (fn must be a module-level function; jobs and results are pickled),
@@ -61,8 +62,8 @@ def run_jobs(fn: Callable[[J], R], jobs: Iterable[J], workers: int, device: torc
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
                              initargs=(job_threads(workers),)) as pool:
         futures = {i: pool.submit(fn, jobs[i]) for i in order}
-        for i in range(len(jobs)):
-            yield futures[i].result()
+        for future in [futures[i] for i in range(len(jobs))] if in_order else as_completed(futures.values()):
+            yield future.result()
 
 
 @contextmanager

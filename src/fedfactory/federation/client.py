@@ -73,9 +73,9 @@ def module_jobs(data: ImageDataset, plans: Iterable[ModulePlan], cfg: Config, de
 
 
 def train_modules(jobs: list[Job], workers: int) -> Iterator[Trained]:
-    """train_and_check every job, on `workers` processes (fedfactory.workers.run_jobs), yielded in the jobs' order."""
+    """train_and_check every job, on `workers` processes (fedfactory.workers.run_jobs), yielded as they finish."""
     device = jobs[0][3] if jobs else torch.device("cpu")
-    return run_jobs(train_and_check, jobs, workers, device, cost=lambda job: job[1].training.steps)
+    return run_jobs(train_and_check, jobs, workers, device, cost=lambda job: job[1].training.steps, in_order=False)
 
 
 def train_client_modules(data: ImageDataset, plans: dict[str, ModulePlan], cfg: Config, device: torch.device,

@@ -177,7 +177,9 @@ def keep_released(out: Path, trained: Trained) -> dict | None:
 def record_release(out: Path, records: list[dict]) -> None:
     """Merge release-check records into out/release.json (module id -> record): a resumed run keeps the earlier
     ones, and a module checked again replaces its record."""
-    atomic_write_json(out / "release.json", read_release(out) | {r["module_id"]: r for r in records})
+    # Sorted by module id: modules finish in any order when run.workers > 1.
+    merged = read_release(out) | {r["module_id"]: r for r in records}
+    atomic_write_json(out / "release.json", dict(sorted(merged.items())))
 
 
 def read_release(out: Path) -> dict[str, dict]:

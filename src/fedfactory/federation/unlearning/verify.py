@@ -72,9 +72,9 @@ def verify_from_scratch(ctx: RunContext, expected: dict[str, Module], unlearned_
                 shutil.copyfile(path, tmp / "modules" / path.name)
             record_release(tmp, list(read_release(unlearned_dir).values()))
             trained = set(expected)
-        jobs = [job for k, rows in enumerate([] if private else parts)
-                for job in module_jobs(train.subset(rows), client_plans(train.subset(rows), k, cfg).values(), cfg,
-                                       device)]
+        clients = [] if private else [train.subset(rows) for rows in parts]
+        jobs = [job for k, client in enumerate(clients)
+                for job in module_jobs(client, client_plans(client, k, cfg).values(), cfg, device)]
         for t in train_modules(jobs, cfg.run.workers):
             # The release check runs again; a withheld module must be withheld again (metrics["release"]).
             full = keep_released(tmp, t)
@@ -85,9 +85,11 @@ def verify_from_scratch(ctx: RunContext, expected: dict[str, Module], unlearned_
             trained.add(mid)
             if mid not in expected or full["weights_sha256"] != expected[mid].manifest["weights_sha256"]:
                 module_mismatches.append(mid)
-                if module_difference is None and mid in expected:
+                # Modules finish in any order on several workers: report the first module id's difference.
+                if mid in expected and (module_difference is None or mid < module_difference["module_id"]):
                     found = first_difference(expected[mid].tensors, tensors) or {"reason": "weights hash differs"}
                     module_difference = {"module_id": mid} | found
+        module_mismatches.sort()
         missing = sorted(expected.keys() - trained)
         # The same synthesis, classifier and evaluation; the timer is the verification's own.
         metrics = factory_stage(replace(ctx, out=tmp, timer=Timer()), load_registry(tmp / "modules"))
