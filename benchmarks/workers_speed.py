@@ -9,11 +9,13 @@ preset's dataset, each client holding one class (silos), optionally fewer images
 """
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedfactory.config import load_config
 from fedfactory.data.datasets import load_data
@@ -24,6 +26,13 @@ from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, pr
 from fedfactory.workers import job_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode() + tensors[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def main() -> None:
@@ -52,7 +61,7 @@ def main() -> None:
         t0 = time.perf_counter()
         trained = list(train_modules(jobs, workers))
         seconds = time.perf_counter() - t0
-        digest = {t.module.manifest["module_id"]: t.module.manifest["weights_sha256"] for t in trained}
+        digest = {t.module.manifest["module_id"]: weights_digest(t.module.tensors) for t in trained}
         threads = job_threads(workers)
         same = hashes.setdefault(threads, digest) == digest  # the same threads per module, the same bits
         rows.append({"workers": workers, "threads_per_module": threads, "seconds": round(seconds, 1),
