@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fedfactory"
 LAYERS = [  # lowest first; a module may import its own layer and the ones below
-    ("support", ("config", "errors", "seeding", "runs", "device", "progress", "__init__")),
+    ("support", ("config", "errors", "seeding", "runs", "device", "progress", "workers", "__init__")),
     ("data", ("data",)),
     ("privacy", ("privacy",)),
     ("modules", ("modules",)),
