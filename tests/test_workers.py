@@ -3,6 +3,7 @@ of the same threads per job gives, and unlearning verifies such a run."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -27,6 +28,12 @@ def test_run_jobs_keeps_the_order_of_the_jobs_unless_asked_not_to():
     # Or as they finish (modules are written at once, so a stopped run keeps every finished one).
     assert sorted(run_jobs(math.sqrt, jobs, workers=2, device=CPU, in_order=False)) == [2.0, 3.0, 4.0, 9.0]
     assert list(run_jobs(math.sqrt, [], workers=2, device=CPU)) == []
+    # A job's own error reaches the caller as it is.
+    with pytest.raises(ValueError, match="math domain error"):
+        list(run_jobs(math.sqrt, [4.0, -1.0, 9.0], workers=2, device=CPU))
+    # A worker that dies (killed, out of memory) is named, with what to do.
+    with pytest.raises(RuntimeError, match="worker process died.*run.workers=1"):
+        list(run_jobs(os._exit, [1, 1], workers=2, device=CPU))
 
 
 def test_workers_split_the_threads_and_refuse_an_accelerator():

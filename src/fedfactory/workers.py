@@ -11,6 +11,7 @@ config: job_threads.
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -62,8 +63,17 @@ def run_jobs(fn: Callable[[J], R], jobs: Iterable[J], workers: int, device: torc
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
                              initargs=(job_threads(workers),)) as pool:
         futures = {i: pool.submit(fn, jobs[i]) for i in order}
-        for future in [futures[i] for i in range(len(jobs))] if in_order else as_completed(futures.values()):
-            yield future.result()
+        try:
+            for future in [futures[i] for i in range(len(jobs))] if in_order else as_completed(futures.values()):
+                yield future.result()
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"a worker process died before its job finished (killed, or out of memory): run "
+                               f"with fewer run.workers than {workers}, or run.workers=1") from e
+        finally:
+            # A job that failed (or a caller that stopped) leaves the jobs not yet started unstarted; the running
+            # ones finish before the pool closes.
+            for future in futures.values():
+                future.cancel()
 
 
 @contextmanager
