@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfactory.federation.factory import combine_experts
 from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,7 +40,7 @@ def rules(lp: np.ndarray, labels: np.ndarray, cal: np.ndarray,
     own = np.stack([lp[c, :, c] for c in range(num_classes)], 1)  # log p_c(c | x), the holders rule's scores
     logit = own - np.log(-np.expm1(np.minimum(own, -1e-12)))  # log p / (1 - p): the same order as own, unbounded
     positives = [np.sort(logit[cal & (labels == c), c]) for c in range(num_classes)]
-    out = {"holders (as shipped)": own,
+    out = {"holders (as shipped)": combine_experts(list(lp), np.eye(num_classes), "holders"),
            # Each expert's score as the share of its own held-out images it beats (a rank, comparable across experts).
            "own-image rank": np.stack([np.searchsorted(p, logit[:, c]) / len(p) for c, p in enumerate(positives)], 1)
            + 1e-9 * logit,

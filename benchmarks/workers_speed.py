@@ -2,7 +2,8 @@
 
 Timings from different runs differ with what else the machine was doing (15 to 25% from hour to hour on the 2-core
 machine), so this trains the same cells under each setting in turn on the same threads, checks that each setting
-gives the bits its threads per module give, and prints the ratio to the first setting. Cells: classes of the
+gives the bits its threads per module give, and prints the ratio to the first setting and the peak memory of all
+the processes together. Cells: classes of the
 preset's dataset, each client holding one class (silos), optionally fewer images each (--images).
 
   python benchmarks/workers_speed.py --config digits --threads 2 --workers 1,2 --name workers-speed-digits
@@ -10,7 +11,10 @@ preset's dataset, each client holding one class (silos), optionally fewer images
 
 import argparse
 import hashlib
+import multiprocessing
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +37,29 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         h.update(key.encode() + tensors[key].contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def pss_mib(pid: int) -> float:
+    """A process's proportional set size (shared pages split among the processes sharing them), 0 if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in text.splitlines() if line.startswith("Pss:")), 0.0)
+
+
+class MemorySampler(threading.Thread):
+    """Samples this process's and its worker processes' summed PSS every 0.5 s; .peak holds the largest sum (MiB).
+    GNU time's maximum resident set size is one process's, not the sum over a run's processes."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.done = 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            pids = [os.getpid()] + [c.pid for c in multiprocessing.active_children()]
+            self.peak = max(self.peak, sum(pss_mib(pid) for pid in pids))
 
 
 def main() -> None:
@@ -58,13 +85,18 @@ def main() -> None:
             for job in module_jobs(client, [pl for pl in plans.values() if pl.client_id == k], cfg, device)]
     rows, hashes = [], {}
     for workers in settings:
+        sampler = MemorySampler()
+        sampler.start()
         t0 = time.perf_counter()
         trained = list(train_modules(jobs, workers))
         seconds = time.perf_counter() - t0
+        sampler.done.set()
+        sampler.join()
         digest = {t.module.manifest["module_id"]: weights_digest(t.module.tensors) for t in trained}
         threads = job_threads(workers)
         same = hashes.setdefault(threads, digest) == digest  # the same threads per module, the same bits
         rows.append({"workers": workers, "threads_per_module": threads, "seconds": round(seconds, 1),
+                     "peak_pss_mib": round(sampler.peak),
                      "same_bits_as_first_at_these_threads": same})
         print(f"workers {workers} ({threads} thread(s) a module): {seconds:.1f} s", flush=True)
         if not same:
@@ -73,9 +105,10 @@ def main() -> None:
     source = provenance(__file__, sys.argv[1:])
     lines = [f"# Module training on worker processes: {args.config}, {len(jobs)} modules, {steps:,} steps, "
              f"{args.threads} threads", "", provenance_line(source), "",
-             "| run.workers | threads a module | seconds | speed-up over the first |", "|---|---|---|---|"]
+             "| run.workers | threads a module | seconds | speed-up over the first | peak PSS, all processes (MiB) |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['workers']} | {r['threads_per_module']} | {r['seconds']:.1f} | "
-              f"{rows[0]['seconds'] / r['seconds']:.2f}x |" for r in rows]
+              f"{rows[0]['seconds'] / r['seconds']:.2f}x | {r['peak_pss_mib']} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.name:

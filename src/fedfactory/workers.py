@@ -18,6 +18,7 @@ from typing import TypeVar
 import torch
 
 from fedfactory.config import ConfigError
+from fedfactory.device import select_device
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -26,12 +27,6 @@ R = TypeVar("R")
 def job_threads(workers: int) -> int:
     """Torch threads each job runs with: this process's threads (select_device) split evenly among the workers."""
     return max(1, torch.get_num_threads() // workers)
-
-
-def _start_worker(threads: int) -> None:
-    # The same settings select_device gives the main process: fixed threads and deterministic kernels.
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
 
 
 def run_jobs(fn: Callable[[J], R], jobs: Iterable[J], workers: int, device: torch.device,
@@ -60,8 +55,9 @@ def run_jobs(fn: Callable[[J], R], jobs: Iterable[J], workers: int, device: torc
         return
     order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])) if cost else range(len(jobs))
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
-                             initargs=(job_threads(workers),)) as pool:
+    # Each worker starts as select_device starts the main process: fixed threads, deterministic kernels.
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=select_device,
+                             initargs=("cpu", job_threads(workers))) as pool:
         futures = {i: pool.submit(fn, jobs[i]) for i in order}
         try:
             for future in [futures[i] for i in range(len(jobs))] if in_order else as_completed(futures.values()):

@@ -4,6 +4,7 @@ each one before it may leave the site (the release check: a module that replays 
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,10 +53,16 @@ class Trained:
         return self.release["released"]
 
 
-Job = tuple[ImageDataset, ModulePlan, Config, torch.device]
+class ModuleJob(NamedTuple):
+    """One module to train (train_and_check): the client's images of the plan's class, what a worker is sent."""
+
+    data: ImageDataset
+    plan: ModulePlan
+    cfg: Config
+    device: torch.device
 
 
-def train_and_check(job: Job) -> Trained:
+def train_and_check(job: ModuleJob) -> Trained:
     """Train one planned module on a client's images of its class and run the release check on it (a run_jobs job;
     the progress bar only where one process trains)."""
     data, plan, cfg, device = job
@@ -66,16 +73,16 @@ def train_and_check(job: Job) -> Trained:
     return Trained(module, release, time.perf_counter() - t0)
 
 
-def module_jobs(data: ImageDataset, plans: Iterable[ModulePlan], cfg: Config, device: torch.device) -> list[Job]:
-    """One train_and_check job per plan, each holding only the client's images of the plan's class (what a worker
-    process is sent)."""
-    return [(data.subset(np.flatnonzero(data.labels == plan.class_id)), plan, cfg, device) for plan in plans]
+def module_jobs(data: ImageDataset, plans: Iterable[ModulePlan], cfg: Config,
+                device: torch.device) -> list[ModuleJob]:
+    """One ModuleJob per plan."""
+    return [ModuleJob(data.subset(np.flatnonzero(data.labels == plan.class_id)), plan, cfg, device) for plan in plans]
 
 
-def train_modules(jobs: list[Job], workers: int) -> Iterator[Trained]:
+def train_modules(jobs: list[ModuleJob], workers: int) -> Iterator[Trained]:
     """train_and_check every job, on `workers` processes (fedfactory.workers.run_jobs), yielded as they finish."""
-    device = jobs[0][3] if jobs else torch.device("cpu")
-    return run_jobs(train_and_check, jobs, workers, device, cost=lambda job: job[1].training.steps, in_order=False)
+    device = jobs[0].device if jobs else torch.device("cpu")
+    return run_jobs(train_and_check, jobs, workers, device, cost=lambda job: job.plan.training.steps, in_order=False)
 
 
 def train_client_modules(data: ImageDataset, plans: dict[str, ModulePlan], cfg: Config, device: torch.device,

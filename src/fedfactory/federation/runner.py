@@ -26,7 +26,6 @@ from fedfactory.federation.client import Trained, module_jobs, train_modules
 from fedfactory.federation.factory import (
     bytes_per_client,
     combine_experts,
-    local_synthetic_count,
     local_training_set,
     module_guarantees,
     synthesize,
@@ -307,14 +306,6 @@ class ExpertJob:
     input_blur: float
     device: torch.device
 
-    def cost(self) -> int:
-        """Images the expert trains on (real, plus synthetic where the client holds too few)."""
-        counts = np.bincount(self.client.labels, minlength=self.client.num_classes)
-        received = {m["class_id"] for m, _ in self.modules}
-        return int(counts.sum()) + sum(local_synthetic_count(int(n), self.cfg.synthesis.samples_per_class,
-                                                             self.cfg.synthesis.local_synthetic)
-                                       for c, n in enumerate(counts) if c in received)
-
 
 def train_expert(job: ExpertJob) -> tuple[torch.nn.Module, np.ndarray, dict[str, int], dict[str, float]]:
     """Local mode, one client: its training set (local_training_set), its expert, the expert's test
@@ -350,10 +341,11 @@ def local_stage(ctx: RunContext, modules: list[Module]) -> dict:
     # A client whose every row was withdrawn has no data, no modules and no expert, and receives nothing.
     experts = [k for k, rows in enumerate(parts) if len(rows)]
     jobs = [ExpertJob(k, train.subset(parts[k]), modules, test.images, cfg, blur, device) for k in experts]
-    # run.workers experts at a time: in a federation each site trains its own. The stage timings below add up each
-    # expert's seconds, so with several workers they can exceed the wall clock (end_to_end).
-    for job, (model, lp, plan, seconds) in zip(jobs, run_jobs(train_expert, jobs, cfg.run.workers, device,
-                                                              cost=ExpertJob.cost), strict=True):
+    # run.workers experts at a time, in client order (every expert's set is topped up to about the same size): in a
+    # federation each site trains its own. The stage timings below add up each expert's seconds, so with several
+    # workers they can exceed the wall clock (end_to_end).
+    for job, (model, lp, plan, seconds) in zip(jobs, run_jobs(train_expert, jobs, cfg.run.workers, device),
+                                               strict=True):
         for stage, dt in seconds.items():
             timer.add(stage, dt)
         save_classifier(model, expert_path(out, job.client_id))
