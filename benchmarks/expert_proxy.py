@@ -1,0 +1,98 @@
+"""Local mode on the validation split at a fraction of its cost: retrain only some experts with another classifier
+recipe and score the holders rule with the other experts' saved log-probabilities.
+
+Under classifier.combine = "holders" on silos, class c's score is expert c's log p(c | x) alone, so a recipe change
+on the experts of the confused classes (T-shirt, pullover, coat, shirt: 0, 2, 4, 6) shows most of what it would do
+to all ten, at 4/10 of the cost. Same data and seeds as `quality.py --local` (its training set for expert c, its
+classifier seed); the base experts come from its --save-log-probs file:
+
+  python benchmarks/quality.py --variant steps1000-pc8 --set steps=1000 steps_per_image=0.2 residual_rank=8 \
+      residual_per_component=true --local --samples 3000 --threads 2 --save-log-probs base.npz
+  python benchmarks/expert_proxy.py --modules <quality.py --out>/steps1000-pc8 --base base.npz --tag e10 \
+      --cls epochs=10
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import validation_split  # noqa: E402
+
+from fedfactory.classifier import predict_log_proba, train_classifier  # noqa: E402
+from fedfactory.config import load_config  # noqa: E402
+from fedfactory.data.datasets import load_data  # noqa: E402
+from fedfactory.federation.factory import combine_experts, local_training_set  # noqa: E402
+from fedfactory.metrics import evaluate  # noqa: E402
+from fedfactory.registry import Module  # noqa: E402
+from fedfactory.runs import provenance  # noqa: E402
+from fedfactory.seeding import derive_seed  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modules", required=True, help="a quality.py variant directory (class-0.pt ... class-9.pt)")
+    p.add_argument("--base", required=True, help="quality.py --local --save-log-probs file of the base experts")
+    p.add_argument("--tag", required=True, help="name of the recipe; its experts are cached under --out/<tag>")
+    p.add_argument("--experts", default="0,2,4,6", help="the experts to retrain")
+    p.add_argument("--cls", nargs="*", default=[], help="classifier overrides key=value")
+    p.add_argument("--samples", type=int, default=3000, help="synthetic images per missing class")
+    p.add_argument("--config", default="fashion-mnist")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="runs/expert-proxy")
+    p.add_argument("--results", default="benchmarks/results/expert-proxy.jsonl")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    cfg = load_config(args.config, [f"classifier.{s}" for s in args.cls])
+    train, _ = load_data(cfg.data)
+    fit_rows, val_rows = validation_split(train.labels)
+    fit, val = train.subset(fit_rows), train.subset(val_rows)
+    base = np.load(args.base)
+    if not np.array_equal(base["labels"], val.labels):
+        raise SystemExit(f"--base {args.base}: its labels are not this validation split's; save it with "
+                         f"quality.py --local on --config {args.config}")
+    cached = [torch.load(Path(args.modules) / f"class-{c}.pt", weights_only=False) for c in range(train.num_classes)]
+    modules = [Module(m["manifest"], m["tensors"]) for m in cached]
+    blur = float(np.mean([m["manifest"]["training"].get("blur_sigma", 0.0) for m in cached]))
+    # Silos: expert k holds the real images of class k only.
+    held = np.diag(np.bincount(fit.labels, minlength=train.num_classes).astype(np.float64))
+    log_probs = list(base["log_probs"])
+    out = Path(args.out) / args.tag
+    out.mkdir(parents=True, exist_ok=True)
+    alone = {}
+    for c in (int(s) for s in args.experts.split(",")):
+        path = out / f"expert-{c}.npy"
+        if not path.exists():
+            t0 = time.perf_counter()
+            x, y, _ = local_training_set(fit.subset(np.flatnonzero(fit.labels == c)), modules, args.samples, 0,
+                                         device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
+            expert = train_classifier(x, y, train.num_classes, cfg.classifier, derive_seed(1, "expert", c), device,
+                                      progress=False, input_blur=blur)
+            np.save(path, predict_log_proba(expert, val.images, device))
+            print(f"expert {c}: {time.perf_counter() - t0:.0f}s", flush=True)
+        lp = np.load(path)
+        alone[c] = (float((log_probs[c].argmax(1) == val.labels).mean()), float((lp.argmax(1) == val.labels).mean()))
+        print(f"expert {c} alone: {alone[c][0]:.4f} -> {alone[c][1]:.4f}", flush=True)
+        log_probs[c] = lp
+    before = evaluate(combine_experts(list(base["log_probs"]), held, "holders"), val.labels, val.class_names)
+    after = evaluate(combine_experts(log_probs, held, "holders"), val.labels, val.class_names)
+    per_class = {k: [round(v, 3) for v in m["per_class_accuracy"].values()] for k, m in
+                 (("before", before), ("after", after))}
+    print(f"holders: {before['accuracy']:.4f} -> {after['accuracy']:.4f}")
+    print(f"per class: {per_class['before']} -> {per_class['after']}")
+    row = {"tag": args.tag, "classifier": args.cls, "experts": args.experts, "samples_per_class": args.samples,
+           "val_accuracy_before": before["accuracy"], "val_accuracy": after["accuracy"], "per_class": per_class,
+           "experts_alone": alone} | provenance(__file__, sys.argv)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
