@@ -3,8 +3,10 @@ recipe and score the holders rule with the other experts' saved log-probabilitie
 
 Under classifier.combine = "holders" on silos, class c's score is expert c's log p(c | x) alone, so a recipe change
 on the experts of the confused classes (T-shirt, pullover, coat, shirt: 0, 2, 4, 6) shows most of what it would do
-to all ten, at 4/10 of the cost. Same data and seeds as `quality.py --local` (its training set for expert c, its
-classifier seed); the base experts come from its --save-log-probs file:
+to all ten, at 4/10 of the cost. A recipe that moves the experts' scale (more synthetic images lower each expert's
+prior of its own class) is read by the holders rule within the retrained classes (`within`). Same data and seeds
+as `quality.py --local` (its training set for expert c, its classifier seed); the base experts come from its
+--save-log-probs file:
 
   python benchmarks/quality.py --variant steps1000-pc8 --set steps=1000 steps_per_image=0.2 residual_rank=8 \
       residual_per_component=true --local --samples 3000 --threads 2 --save-log-probs base.npz
@@ -32,6 +34,15 @@ from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
 from fedfactory.seeding import derive_seed  # noqa: E402
+
+
+def within(log_probs: list[np.ndarray], experts: list[int], labels: np.ndarray) -> float:
+    """The holders rule restricted to the retrained experts' classes, on those classes' images: every score compared
+    comes from experts of one recipe, so unlike the full rule it is fair when a recipe moves the experts' scale (a
+    different share of synthetic images changes each expert's prior of its own class)."""
+    rows = np.isin(labels, experts)
+    scores = np.stack([log_probs[c][rows, c] for c in experts], axis=1)
+    return float((np.asarray(experts)[scores.argmax(1)] == labels[rows]).mean())
 
 
 def main() -> None:
@@ -66,7 +77,8 @@ def main() -> None:
     out = Path(args.out) / args.tag
     out.mkdir(parents=True, exist_ok=True)
     alone = {}
-    for c in (int(s) for s in args.experts.split(",")):
+    experts = [int(s) for s in args.experts.split(",")]
+    for c in experts:
         path = out / f"expert-{c}.npy"
         if not path.exists():
             t0 = time.perf_counter()
@@ -84,10 +96,13 @@ def main() -> None:
     after = evaluate(combine_experts(log_probs, held, "holders"), val.labels, val.class_names)
     per_class = {k: [round(v, 3) for v in m["per_class_accuracy"].values()] for k, m in
                  (("before", before), ("after", after))}
-    print(f"holders: {before['accuracy']:.4f} -> {after['accuracy']:.4f}")
+    group = (within(list(base["log_probs"]), experts, val.labels), within(log_probs, experts, val.labels))
+    print(f"holders: {before['accuracy']:.4f} -> {after['accuracy']:.4f}; within classes {args.experts}: "
+          f"{group[0]:.4f} -> {group[1]:.4f}")
     print(f"per class: {per_class['before']} -> {per_class['after']}")
     row = {"tag": args.tag, "classifier": args.cls, "experts": args.experts, "samples_per_class": args.samples,
            "val_accuracy_before": before["accuracy"], "val_accuracy": after["accuracy"], "per_class": per_class,
+           "within_experts_before": group[0], "within_experts": group[1],
            "experts_alone": alone} | provenance(__file__, sys.argv)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
