@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/expert-proxy")
     p.add_argument("--results", default="benchmarks/results/expert-proxy.jsonl")
     args = p.parse_args()
+    source = provenance(__file__, sys.argv[1:])  # the tree the experts start from
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     cfg = load_config(args.config, [f"classifier.{s}" for s in args.cls])
@@ -103,7 +104,7 @@ def main() -> None:
     row = {"tag": args.tag, "classifier": args.cls, "experts": args.experts, "samples_per_class": args.samples,
            "val_accuracy_before": before["accuracy"], "val_accuracy": after["accuracy"], "per_class": per_class,
            "within_experts_before": group[0], "within_experts": group[1],
-           "experts_alone": alone} | provenance(__file__, sys.argv)
+           "experts_alone": alone} | source
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
         f.write(json.dumps(row) + "\n")

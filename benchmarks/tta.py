@@ -42,6 +42,7 @@ def main() -> None:
                    help="augmentation:noise_std pairs to average over")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    source = provenance_line(provenance(__file__, sys.argv[1:]))  # the tree the classifier starts from
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     cfg = load_config(args.config, [])
@@ -55,7 +56,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = train_classifier(images, labels, train.num_classes, cfg.classifier, 1, device, progress=False,
                              input_blur=blur).eval()
-    print(provenance_line(provenance(__file__, sys.argv)), flush=True)
+    print(source, flush=True)
     print(f"classifier trained in {time.perf_counter() - t0:.0f}s", flush=True)
     x = torch.from_numpy(to_float(val.images)).to(device)
     with torch.no_grad():
