@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--experts", default="0,2,4,6", help="the experts to retrain")
     p.add_argument("--cls", nargs="*", default=[], help="classifier overrides key=value")
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per missing class")
+    p.add_argument("--base-samples", type=int, default=3000, help="the base experts' synthetic images per class")
     p.add_argument("--config", default="fashion-mnist")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/expert-proxy")
@@ -97,13 +98,22 @@ def main() -> None:
     after = evaluate(combine_experts(log_probs, held, "holders"), val.labels, val.class_names)
     per_class = {k: [round(v, 3) for v in m["per_class_accuracy"].values()] for k, m in
                  (("before", before), ("after", after))}
+    # Prior-corrected reading: a retrained expert's own-class log-probability moved by log(new set / base set), as if
+    # its own class kept the base experts' share of its training set (Bayes' rule with the other prior).
+    real = np.bincount(fit.labels, minlength=train.num_classes)
+    missing = train.num_classes - 1  # silos, local_synthetic = missing: every other class is synthetic
+    corrected = list(log_probs)
+    for c in experts:
+        corrected[c] = log_probs[c].copy()
+        corrected[c][:, c] += np.log((real[c] + missing * args.samples) / (real[c] + missing * args.base_samples))
+    prior = evaluate(combine_experts(corrected, held, "holders"), val.labels, val.class_names)["accuracy"]
     group = (within(list(base["log_probs"]), experts, val.labels), within(log_probs, experts, val.labels))
     print(f"holders: {before['accuracy']:.4f} -> {after['accuracy']:.4f}; within classes {args.experts}: "
-          f"{group[0]:.4f} -> {group[1]:.4f}")
+          f"{group[0]:.4f} -> {group[1]:.4f}; prior-corrected: {prior:.4f}")
     print(f"per class: {per_class['before']} -> {per_class['after']}")
     row = {"tag": args.tag, "classifier": args.cls, "experts": args.experts, "samples_per_class": args.samples,
            "val_accuracy_before": before["accuracy"], "val_accuracy": after["accuracy"], "per_class": per_class,
-           "within_experts_before": group[0], "within_experts": group[1],
+           "within_experts_before": group[0], "within_experts": group[1], "prior_corrected": prior,
            "experts_alone": alone} | source
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
