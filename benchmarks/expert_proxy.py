@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--cls", nargs="*", default=[], help="classifier overrides key=value")
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per missing class")
     p.add_argument("--base-samples", type=int, default=3000, help="the base experts' synthetic images per class")
+    p.add_argument("--real-copies", type=int, default=1,
+                   help="exploration: each real image appears this many times in its expert's training set")
     p.add_argument("--config", default="fashion-mnist")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/expert-proxy")
@@ -86,6 +88,11 @@ def main() -> None:
             t0 = time.perf_counter()
             x, y, _ = local_training_set(fit.subset(np.flatnonzero(fit.labels == c)), modules, args.samples, 0,
                                          device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
+            if args.real_copies > 1:
+                # local_synthetic = missing: the expert's only images of its own class are its real ones.
+                own = np.flatnonzero(y == c)
+                x = np.concatenate([x] + [x[own]] * (args.real_copies - 1))
+                y = np.concatenate([y] + [y[own]] * (args.real_copies - 1))
             expert = train_classifier(x, y, train.num_classes, cfg.classifier, derive_seed(1, "expert", c), device,
                                       progress=False, input_blur=blur)
             np.save(path, predict_log_proba(expert, val.images, device))
@@ -105,13 +112,15 @@ def main() -> None:
     corrected = list(log_probs)
     for c in experts:
         corrected[c] = log_probs[c].copy()
-        corrected[c][:, c] += np.log((real[c] + missing * args.samples) / (real[c] + missing * args.base_samples))
+        share = (args.real_copies * real[c] + missing * args.samples) / (args.real_copies * real[c])
+        corrected[c][:, c] += np.log(share / ((real[c] + missing * args.base_samples) / real[c]))
     prior = evaluate(combine_experts(corrected, held, "holders"), val.labels, val.class_names)["accuracy"]
     group = (within(list(base["log_probs"]), experts, val.labels), within(log_probs, experts, val.labels))
     print(f"holders: {before['accuracy']:.4f} -> {after['accuracy']:.4f}; within classes {args.experts}: "
           f"{group[0]:.4f} -> {group[1]:.4f}; prior-corrected: {prior:.4f}")
     print(f"per class: {per_class['before']} -> {per_class['after']}")
     row = {"tag": args.tag, "classifier": args.cls, "experts": args.experts, "samples_per_class": args.samples,
+           "real_copies": args.real_copies,
            "val_accuracy_before": before["accuracy"], "val_accuracy": after["accuracy"], "per_class": per_class,
            "within_experts_before": group[0], "within_experts": group[1], "prior_corrected": prior,
            "experts_alone": alone} | source
