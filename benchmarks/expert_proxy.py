@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=3000, help="synthetic images per missing class")
     p.add_argument("--base-samples", type=int, default=3000, help="the base experts' synthetic images per class")
     p.add_argument("--real-copies", type=int, default=1,
-                   help="exploration: each real image appears this many times in its expert's training set")
+                   help="synthesis.local_real_copies: each real image's copies in its expert's training set")
     p.add_argument("--config", default="fashion-mnist")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/expert-proxy")
@@ -87,12 +87,8 @@ def main() -> None:
         if not path.exists():
             t0 = time.perf_counter()
             x, y, _ = local_training_set(fit.subset(np.flatnonzero(fit.labels == c)), modules, args.samples, 0,
-                                         device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
-            if args.real_copies > 1:
-                # local_synthetic = missing: the expert's only images of its own class are its real ones.
-                own = np.flatnonzero(y == c)
-                x = np.concatenate([x] + [x[own]] * (args.real_copies - 1))
-                y = np.concatenate([y] + [y[own]] * (args.real_copies - 1))
+                                         device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic,
+                                         args.real_copies)
             expert = train_classifier(x, y, train.num_classes, cfg.classifier, derive_seed(1, "expert", c), device,
                                       progress=False, input_blur=blur)
             np.save(path, predict_log_proba(expert, val.images, device))

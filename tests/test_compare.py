@@ -140,6 +140,13 @@ def test_local_training_set_fills_every_class_up_to_samples_per_class(compared):
     counts = np.bincount(y, minlength=10)
     assert counts[2] == 70 and counts[5] == 90 and all(counts[c] == 40 for c in range(10) if c not in (2, 5))
     assert plan["client-005_class-005"] == 40 and (x[:80] == images).all()
+    # synthesis.local_real_copies=2: the real images twice, the same synthetic images once (same seeds).
+    x2, y2, plan2 = local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100, real_copies=2)
+    x1, y1, plan1 = local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100)
+    assert plan2 == plan1 and len(y2) == len(y1) + 80
+    assert (x2[80:160] == images).all() and (y2[80:160] == labels).all() and (x2[160:] == x1[80:]).all()
+    with pytest.raises(ValueError, match="real_copies=0"):
+        local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100, real_copies=0)
 
 
 def test_parse_methods_accepts_known_names_only():

@@ -78,6 +78,9 @@ class SynthesisConfig:
     # samples_per_class real images of (topped up to samples_per_class); "all": every class gets samples_per_class
     # synthetic images, its own included, so an expert cannot learn "decoded texture means another client's class".
     local_synthetic: str = "missing"
+    # Local mode: each of the client's real images appears this many times in its training set (each copy under its
+    # own augmentation), so an expert's own classes weigh more against the synthetic ones at the same epochs.
+    local_real_copies: int = 1
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ POSITIVE = {
     ("generator", "latent_dim"): 1, ("generator", "residual_rank"): 0, ("generator", "mixture_components"): 1,
     ("generator", "sampler_steps"): 1, ("generator", "min_samples"): 1, ("generator", "min_steps"): 1,
     ("generator", "max_epochs"): 0,
-    ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1,
+    ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1, ("synthesis", "local_real_copies"): 1,
     ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "batch_size"): 1,
     ("baselines", "rounds"): 1, ("baselines", "local_epochs"): 1, ("baselines", "local_steps"): 0,
     ("baselines", "batch_size"): 1, ("baselines", "clients_per_round"): 0,

@@ -109,7 +109,7 @@ def local_synthetic_count(real: int, samples_per_class: int, fill: str) -> int:
 
 def local_training_set(client: ImageDataset, modules: list[Module], samples_per_class: int, root_seed: int,
                        device: torch.device, batch_size: int,
-                       fill: str = "missing") -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+                       fill: str = "missing", real_copies: int = 1) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """A client's training set in local mode: all its real images, plus synthetic images per class.
 
     fill="missing": every class it holds fewer than samples_per_class real images of is topped up to
@@ -117,10 +117,13 @@ def local_training_set(client: ImageDataset, modules: list[Module], samples_per_
     samples_per_class synthetic images on top of the real ones (synthesis.local_synthetic).
     A class it lacks is synthesized from the other clients' modules of that class; a class it holds is synthesized
     from every module of that class it has (the others' and its own), in both cases by `synthesize`, mixed in
-    proportion to the modules' real counts n_{k,c}.
+    proportion to the modules' real counts n_{k,c}. real_copies (synthesis.local_real_copies): the real images appear
+    this many times; the synthetic counts do not change.
     """
+    if real_copies < 1:
+        raise ValueError(f"real_copies={real_copies}: must be >= 1")
     counts = np.bincount(client.labels, minlength=client.num_classes)
-    images, labels, plan = [client.images], [client.labels], {}
+    images, labels, plan = [client.images] * real_copies, [client.labels] * real_copies, {}
     for c in range(client.num_classes):
         donors = [m for m in modules if m.manifest["class_id"] == c]
         need = local_synthetic_count(int(counts[c]), samples_per_class, fill)

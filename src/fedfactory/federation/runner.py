@@ -313,7 +313,8 @@ def train_expert(job: ExpertJob) -> tuple[torch.nn.Module, np.ndarray, dict[str,
     cfg, device, seconds = job.cfg, job.device, {}
     t0 = time.perf_counter()
     images, labels, plan = local_training_set(job.client, job.modules, cfg.synthesis.samples_per_class, cfg.run.seed,
-                                              device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
+                                              device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic,
+                                              cfg.synthesis.local_real_copies)
     seconds["synthesis"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = train_classifier(images, labels, job.client.num_classes, cfg.classifier,

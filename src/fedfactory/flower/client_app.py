@@ -153,7 +153,8 @@ def train_expert(msg: Message, task: ExpertTask, site: str, data: ImageDataset, 
     modules = [Module(*module_from_bytes(module_bytes(p, source), source, expected=module_spec))
                for p, source in zip(task.modules, sources, strict=True)]
     images, labels, plan = local_training_set(data, modules, cfg.synthesis.samples_per_class, cfg.run.seed, device,
-                                              cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
+                                              cfg.synthesis.batch_size, cfg.synthesis.local_synthetic,
+                                              cfg.synthesis.local_real_copies)
     model = train_classifier(images, labels, data.num_classes, cfg.classifier,
                              derive_seed(cfg.run.seed, "classifier", site), device, desc=f"expert {site}",
                              progress=cfg.run.progress,
