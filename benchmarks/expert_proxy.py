@@ -45,6 +45,32 @@ def within(log_probs: list[np.ndarray], experts: list[int], labels: np.ndarray) 
     return float((np.asarray(experts)[scores.argmax(1)] == labels[rows]).mean())
 
 
+class ExpertCache:
+    """--out/<tag>: the retrained experts' validation log-probabilities, reused by a later call with the same tag, and
+    recipe.json, which says what they were trained with and at which commit, so a tag reused with another recipe is
+    refused instead of scored with the wrong experts."""
+
+    def __init__(self, out: Path, recipe: dict):
+        self.path = out / "recipe.json"
+        stored = json.loads(self.path.read_text()) if self.path.exists() else None
+        if stored is None and any(out.glob("expert-*.npy")):
+            raise SystemExit(f"{out}: cached experts without a recipe.json, so nothing says how they were trained; "
+                             "delete the folder or pass another --tag")
+        if stored is not None and stored["recipe"] != recipe:
+            raise SystemExit(f"--tag {out.name}: its cached experts were trained with {stored['recipe']}, not "
+                             f"{recipe}; pass another --tag or delete {out}")
+        self.recipe, self.trained_at = recipe, (stored or {}).get("trained_at", {})
+        out.mkdir(parents=True, exist_ok=True)
+        self._write()
+
+    def trained(self, expert: int, commit: str | None) -> None:
+        self.trained_at[str(expert)] = commit
+        self._write()
+
+    def _write(self) -> None:
+        self.path.write_text(json.dumps({"recipe": self.recipe, "trained_at": self.trained_at}, indent=1) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modules", required=True, help="a quality.py variant directory (class-0.pt ... class-9.pt)")
@@ -79,7 +105,8 @@ def main() -> None:
     held = np.diag(np.bincount(fit.labels, minlength=train.num_classes).astype(np.float64))
     log_probs = list(base["log_probs"])
     out = Path(args.out) / args.tag
-    out.mkdir(parents=True, exist_ok=True)
+    cache = ExpertCache(out, {"modules": str(Path(args.modules).resolve()), "config": args.config,
+                              "classifier": args.cls, "samples": args.samples, "real_copies": args.real_copies})
     alone = {}
     experts = [int(s) for s in args.experts.split(",")]
     for c in experts:
@@ -92,6 +119,7 @@ def main() -> None:
             expert = train_classifier(x, y, train.num_classes, cfg.classifier, derive_seed(1, "expert", c), device,
                                       progress=False, input_blur=blur)
             np.save(path, predict_log_proba(expert, val.images, device))
+            cache.trained(c, source["git_commit"])
             print(f"expert {c}: {time.perf_counter() - t0:.0f}s", flush=True)
         lp = np.load(path)
         alone[c] = (float((log_probs[c].argmax(1) == val.labels).mean()), float((lp.argmax(1) == val.labels).mean()))
@@ -119,7 +147,7 @@ def main() -> None:
            "real_copies": args.real_copies,
            "val_accuracy_before": before["accuracy"], "val_accuracy": after["accuracy"], "per_class": per_class,
            "within_experts_before": group[0], "within_experts": group[1], "prior_corrected": prior,
-           "experts_alone": alone} | source
+           "experts_alone": alone, "experts_trained_at": {c: cache.trained_at.get(str(c)) for c in experts}} | source
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -140,10 +140,13 @@ def test_local_training_set_fills_every_class_up_to_samples_per_class(compared):
     counts = np.bincount(y, minlength=10)
     assert counts[2] == 70 and counts[5] == 90 and all(counts[c] == 40 for c in range(10) if c not in (2, 5))
     assert plan["client-005_class-005"] == 40 and (x[:80] == images).all()
-    # synthesis.local_real_copies=2: the real images twice, the same synthetic images once (same seeds).
+    # synthesis.local_real_copies=2: the real images twice, the same synthetic images once (same seeds). Distinct
+    # real images, so a copy cannot pass for a synthetic image or for zeros.
+    images = np.random.default_rng(0).integers(0, 256, (80, 8, 8, 1), dtype=np.uint8)
+    client = ImageDataset(images, labels, tuple(str(c) for c in range(10)), "toy")
     x2, y2, plan2 = local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100, real_copies=2)
     x1, y1, plan1 = local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100)
-    assert plan2 == plan1 and len(y2) == len(y1) + 80
+    assert plan2 == plan1 and len(y2) == len(y1) + 80 and np.array_equal(x2[:80], x1[:80])
     assert (x2[80:160] == images).all() and (y2[80:160] == labels).all() and (x2[160:] == x1[80:]).all()
     with pytest.raises(ValueError, match="real_copies=0"):
         local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100, real_copies=0)

@@ -162,7 +162,7 @@ def train_expert(msg: Message, task: ExpertTask, site: str, data: ImageDataset, 
     weights = tensors_to_bytes(model.state_dict())
     seconds = time.perf_counter() - t0
     log.info("fedfactory site %s: expert trained on %d real + %d synthetic images from %d modules in %.1fs", site,
-             len(data), len(images) - len(data), len(modules), seconds)
+             len(data), sum(plan.values()), len(modules), seconds)
     return Message(expert_reply_content(site, config_hash(cfg), weights, seconds), reply_to=msg)
 
 
