@@ -32,7 +32,7 @@ from quality import validation_split  # noqa: E402
 from fedfactory.classifier import predict_log_proba, train_classifier  # noqa: E402
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_data  # noqa: E402
-from fedfactory.federation.factory import combine_experts, local_training_set  # noqa: E402
+from fedfactory.federation.factory import combine_experts, expert_recipe, local_training_set  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.registry import Module  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
@@ -129,8 +129,8 @@ def main() -> None:
             x, y, _ = local_training_set(fit.subset(np.flatnonzero(fit.labels == c)), modules, args.samples, 0,
                                          device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic,
                                          args.real_copies)
-            expert = train_classifier(x, y, train.num_classes, cfg.classifier, derive_seed(1, "expert", c), device,
-                                      progress=False, input_blur=blur)
+            expert = train_classifier(x, y, train.num_classes, expert_recipe(cfg.classifier),
+                                      derive_seed(1, "expert", c), device, progress=False, input_blur=blur)
             np.save(path, predict_log_proba(expert, val.images, device))
             cache.trained(c, source["git_commit"])
             print(f"expert {c}: {time.perf_counter() - t0:.0f}s", flush=True)

@@ -32,7 +32,7 @@ from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.data.partition import split_clients  # noqa: E402
 from fedfactory.federation.client import client_plans, train_client_module  # noqa: E402
-from fedfactory.federation.factory import local_training_set, product_of_experts, synthesize  # noqa: E402
+from fedfactory.federation.factory import expert_recipe, local_training_set, product_of_experts, synthesize  # noqa: E402
 from fedfactory.generative.train import plan_training, train_module  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.modules.files import module_to_bytes  # noqa: E402
@@ -252,8 +252,8 @@ def main():
             for c in range(train.num_classes):
                 x, y, _ = local_training_set(fit.subset(np.flatnonzero(fit.labels == c)), modules, args.samples, 0,
                                              device, cfg.synthesis.batch_size, cfg.synthesis.local_synthetic)
-                expert = train_classifier(x, y, train.num_classes, ccfg, derive_seed(1, "expert", c), device,
-                                          progress=False, input_blur=sigma)
+                expert = train_classifier(x, y, train.num_classes, expert_recipe(ccfg), derive_seed(1, "expert", c),
+                                          device, progress=False, input_blur=sigma)
                 log_probs.append(predict_log_proba(expert, val.images, device))
             proba = product_of_experts(log_probs)
             if args.save_log_probs:

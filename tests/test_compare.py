@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from fedfactory.cli import main
-from fedfactory.config import load_config
+from fedfactory.config import ClassifierConfig, ConfigError, load_config
 from fedfactory.data.images import ImageDataset
 from fedfactory.device import select_device
 from fedfactory.federation import compare as compare_module
+from fedfactory.federation import runner
 from fedfactory.federation.compare import COLUMNS, METHODS, compare, parse_methods
-from fedfactory.federation.factory import combine_experts, local_training_set, product_of_experts
+from fedfactory.federation.factory import combine_experts, expert_recipe, local_training_set, product_of_experts
 from fedfactory.registry import load_registry
 
 SETTINGS = ["baselines.rounds=2", "baselines.local_steps=2", "baselines.batch_size=16"]
@@ -150,6 +151,24 @@ def test_local_training_set_fills_every_class_up_to_samples_per_class(compared):
     assert (x2[80:160] == images).all() and (y2[80:160] == labels).all() and (x2[160:] == x1[80:]).all()
     with pytest.raises(ValueError, match="real_copies=0"):
         local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100, real_copies=0)
+
+
+def test_classifier_local_epochs_trains_the_experts_only(tmp_path, monkeypatch):
+    # classifier.local_epochs: every expert of a local-mode run trains that many epochs, while the centralized
+    # reference (like server mode's classifier) keeps classifier.epochs. Recorded at the runner's own calls.
+    trained, train = [], runner.train_classifier
+
+    def recording(images, labels, num_classes, cfg, *args, **kwargs):
+        trained.append((kwargs.get("desc", ""), cfg.epochs))
+        return train(images, labels, num_classes, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_classifier", recording)
+    runner.run(load_config("tiny", [f"run.out={tmp_path / 'run'}", "classifier.mode=local", "classifier.epochs=1",
+                                    "classifier.local_epochs=2"]))
+    assert sorted(trained) == [("centralized", 1)] + [(f"expert {k}", 2) for k in range(10)], trained
+    assert expert_recipe(ClassifierConfig(epochs=3)) == ClassifierConfig(epochs=3)  # 0: classifier.epochs
+    with pytest.raises(ConfigError, match="classifier.local_epochs=-1"):
+        load_config("tiny", ["classifier.local_epochs=-1"])
 
 
 def test_parse_methods_accepts_known_names_only():

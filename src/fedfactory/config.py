@@ -91,6 +91,9 @@ class ClassifierConfig:
     combine: str = "product"
     width: int = 32  # base channels of the CNN
     epochs: int = 8
+    # Local mode: passes over each expert's training set (0: classifier.epochs). An expert trains on one client's
+    # set, so local mode can afford more passes than the server's classifier without the server paying for them.
+    local_epochs: int = 0
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 5e-4
@@ -197,7 +200,8 @@ POSITIVE = {
     ("generator", "sampler_steps"): 1, ("generator", "min_samples"): 1, ("generator", "min_steps"): 1,
     ("generator", "max_epochs"): 0,
     ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1, ("synthesis", "local_real_copies"): 1,
-    ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "batch_size"): 1,
+    ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "local_epochs"): 0,
+    ("classifier", "batch_size"): 1,
     ("baselines", "rounds"): 1, ("baselines", "local_epochs"): 1, ("baselines", "local_steps"): 0,
     ("baselines", "batch_size"): 1, ("baselines", "clients_per_round"): 0,
     ("privacy", "decoder_steps"): 1, ("privacy", "decoder_batch_size"): 1,

@@ -1,10 +1,12 @@
 """The factory's rules: whether a module was trained as asked, class-balanced synthesis, the local training set,
 the product of experts, and the bytes each client sends and receives."""
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
-from fedfactory.config import GeneratorConfig
+from fedfactory.config import ClassifierConfig, GeneratorConfig
 from fedfactory.data.images import ImageDataset
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.plan import ModulePlan
@@ -134,6 +136,11 @@ def local_training_set(client: ImageDataset, modules: list[Module], samples_per_
         labels.append(labs)
         plan |= {mid: n for mid, n in part.items() if n}
     return np.concatenate(images), np.concatenate(labels), plan
+
+
+def expert_recipe(cfg: ClassifierConfig) -> ClassifierConfig:
+    """A local-mode expert's classifier recipe: the classifier's, with classifier.local_epochs passes when set."""
+    return replace(cfg, epochs=cfg.local_epochs) if cfg.local_epochs else cfg
 
 
 def product_of_experts(log_probs: list[np.ndarray]) -> np.ndarray:

@@ -26,6 +26,7 @@ from fedfactory.federation.client import Trained, module_jobs, train_modules
 from fedfactory.federation.factory import (
     bytes_per_client,
     combine_experts,
+    expert_recipe,
     local_training_set,
     module_guarantees,
     synthesize,
@@ -317,7 +318,7 @@ def train_expert(job: ExpertJob) -> tuple[torch.nn.Module, np.ndarray, dict[str,
                                               cfg.synthesis.local_real_copies)
     seconds["synthesis"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = train_classifier(images, labels, job.client.num_classes, cfg.classifier,
+    model = train_classifier(images, labels, job.client.num_classes, expert_recipe(cfg.classifier),
                              derive_seed(cfg.run.seed, "classifier", job.client_id), device,
                              desc=f"expert {job.client_id}", progress=cfg.run.progress and cfg.run.workers == 1,
                              input_blur=job.input_blur)

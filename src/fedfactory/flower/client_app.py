@@ -31,7 +31,7 @@ from fedfactory.data.partition import split_clients
 from fedfactory.device import select_device
 from fedfactory.errors import FedFactoryError
 from fedfactory.federation.client import client_plans, held_classes, train_client_modules
-from fedfactory.federation.factory import combine_experts, local_training_set
+from fedfactory.federation.factory import combine_experts, expert_recipe, local_training_set
 from fedfactory.federation.intake import reusable_modules
 from fedfactory.flower.run_config import parse_run_config
 from fedfactory.flower.wire import (
@@ -155,7 +155,7 @@ def train_expert(msg: Message, task: ExpertTask, site: str, data: ImageDataset, 
     images, labels, plan = local_training_set(data, modules, cfg.synthesis.samples_per_class, cfg.run.seed, device,
                                               cfg.synthesis.batch_size, cfg.synthesis.local_synthetic,
                                               cfg.synthesis.local_real_copies)
-    model = train_classifier(images, labels, data.num_classes, cfg.classifier,
+    model = train_classifier(images, labels, data.num_classes, expert_recipe(cfg.classifier),
                              derive_seed(cfg.run.seed, "classifier", site), device, desc=f"expert {site}",
                              progress=cfg.run.progress,
                              input_blur=task.input_blur)
