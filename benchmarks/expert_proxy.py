@@ -98,9 +98,10 @@ def main() -> None:
     train, _ = load_data(cfg.data)
     fit_rows, val_rows = validation_split(train.labels)
     fit, val = train.subset(fit_rows), train.subset(val_rows)
-    experts = [int(s) for s in args.experts.split(",")]
-    if sorted(experts) != sorted(set(experts)) or not all(0 <= c < train.num_classes for c in experts):
-        p.error(f"--experts {args.experts}: distinct classes from 0 to {train.num_classes - 1}")
+    experts = [int(s) for s in args.experts.split(",") if s.strip().isdigit()]
+    if (len(experts) != len(args.experts.split(",")) or len(set(experts)) != len(experts)
+            or not all(c < train.num_classes for c in experts)):
+        p.error(f"--experts {args.experts}: comma-separated distinct classes from 0 to {train.num_classes - 1}")
     if args.base:
         base = np.load(args.base)
         if not np.array_equal(base["labels"], val.labels):
