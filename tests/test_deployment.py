@@ -40,6 +40,7 @@ from fedfactory.data.images import DatasetError  # noqa: E402
 from fedfactory.federation.factory import combine_experts, product_of_experts  # noqa: E402
 from fedfactory.federation.intake import ReplyError, counts_limit, load_pins  # noqa: E402
 from fedfactory.federation.records import Roster  # noqa: E402
+from fedfactory.flower import client_app as client_app_module  # noqa: E402
 from fedfactory.flower import loopback  # noqa: E402
 from fedfactory.flower.client_app import app as client_app  # noqa: E402
 from fedfactory.flower.client_app import node_partition, node_site, node_threads, site_data  # noqa: E402
@@ -402,11 +403,21 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
     # Both rounds of local mode with the real ClientApp behind an in-process grid: each site gets the others'
     # modules and, with synthesis.local_synthetic=all, its own back (a ClientApp keeps none), trains its expert on
     # 40 synthetic images of every class, and the experts, combined by the holders rule (each class scored by the
-    # sites holding its real images, as the sites reported them), are scored at the sites by counts.
+    # sites holding its real images, as the sites reported them), are scored at the sites by counts. Each site's
+    # expert trains classifier.local_epochs passes (2), not the preset's classifier.epochs (1).
     out = tmp_path / "local"
+    epochs = []
+
+    def train_classifier(*args, **kwargs):
+        epochs.append(args[3].epochs)
+        return real_train_classifier(*args, **kwargs)
+
+    real_train_classifier = client_app_module.train_classifier
+    monkeypatch.setattr(client_app_module, "train_classifier", train_classifier)
     with caplog.at_level(logging.INFO, logger="flwr"):
         metrics = serve_in_process(sites, out, monkeypatch, "classifier.mode=local", "synthesis.local_synthetic=all",
-                                   "classifier.combine=holders")
+                                   "classifier.combine=holders", "classifier.local_epochs=2")
+    assert epochs == [2] * len(SITES)
     for s in SITES:
         assert re.search(rf"site {s}: expert trained on \d+ real \+ 400 synthetic images from 10 modules",
                          caplog.text), caplog.text
