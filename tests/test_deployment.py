@@ -406,14 +406,13 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
     # sites holding its real images, as the sites reported them), are scored at the sites by counts. Each site's
     # expert trains classifier.local_epochs passes (2), not the preset's classifier.epochs (1).
     out = tmp_path / "local"
-    epochs = []
+    epochs, train = [], client_app_module.train_classifier
 
-    def train_classifier(*args, **kwargs):
-        epochs.append(args[3].epochs)
-        return real_train_classifier(*args, **kwargs)
+    def recording(images, labels, num_classes, cfg, *args, **kwargs):
+        epochs.append(cfg.epochs)
+        return train(images, labels, num_classes, cfg, *args, **kwargs)
 
-    real_train_classifier = client_app_module.train_classifier
-    monkeypatch.setattr(client_app_module, "train_classifier", train_classifier)
+    monkeypatch.setattr(client_app_module, "train_classifier", recording)
     with caplog.at_level(logging.INFO, logger="flwr"):
         metrics = serve_in_process(sites, out, monkeypatch, "classifier.mode=local", "synthesis.local_synthetic=all",
                                    "classifier.combine=holders", "classifier.local_epochs=2")
