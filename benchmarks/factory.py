@@ -6,6 +6,11 @@ bytes per module. With several seeds the table ends with the mean and the sample
 
   python benchmarks/factory.py --config fashion-mnist --families aegmm --name fashion-mnist-silos
   python benchmarks/factory.py --config fashion-mnist --seeds 0,1,2 --name fashion-mnist-silos-seeds
+
+Seeds read one at a time (a run longer than a session) are joined with --merge: the named results files must hold the
+same recipe, the `fedfactory run` command alike but for the machine settings below, and distinct seeds.
+
+  python benchmarks/factory.py --merge NAME-s0,NAME-s1,NAME-s2 --name NAME-seeds
 """
 
 import argparse
@@ -74,7 +79,39 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main():
+# Where a run writes, its root seed and how many threads and processes it uses: they change which seed is read or how
+# fast, not the recipe (threads change the last bits of the floats, not what is trained), so --merge ignores them.
+MACHINE_SETTINGS = ("run.out=", "run.seed=", "run.threads=", "run.workers=", "run.progress=")
+
+
+def recipe(command: str) -> list[str]:
+    """A row's `fedfactory run` command without its machine settings."""
+    return [t for t in command.split() if not t.startswith(MACHINE_SETTINGS)]
+
+
+def merge(names: list[str], results: Path) -> tuple[list[dict], list[dict]]:
+    """The rows of earlier results files of one recipe and distinct seeds, and each file's provenance."""
+    rows, sources = [], []
+    for name in names:
+        path = results / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"--merge: {path} does not exist; name results files of benchmarks/factory.py, "
+                             "without .json")
+        data = json.loads(path.read_text())
+        sources.append({"name": name} | {k: data.get(k) for k in ("command", "git_commit", "git_dirty")})
+        rows += data["rows"]
+    for r in rows[1:]:
+        if recipe(r["command"]) != recipe(rows[0]["command"]):
+            mine, first = recipe(r["command"]), recipe(rows[0]["command"])
+            raise SystemExit(f"--merge: the runs differ in more than machine settings: {' '.join(mine)!r} against "
+                             f"{' '.join(first)!r}; merge only one recipe's seeds")
+    seeds = [r["seed"] for r in rows]
+    if None in seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: the runs' root seeds are {seeds}; each must name its own seed (--seeds)")
+    return rows, sources
+
+
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="fashion-mnist")
     p.add_argument("--families", default="aegmm")
@@ -82,10 +119,24 @@ def main():
     p.add_argument("--seeds", default="", help="comma-separated root seeds; empty: the preset's own")
     p.add_argument("--runs", default="benchmarks/runs")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (timings are then contended)")
+    p.add_argument("--merge", default="", help="comma-separated results names to join instead of running")
+    p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    source = provenance(__file__, argv)  # the tree the runs start from, not whatever it is when they end
+    if args.merge:
+        if args.overrides:
+            raise SystemExit("--merge joins finished results; it takes no overrides")
+        names = args.merge.split(",")
+        if len(names) < 2:
+            raise SystemExit("--merge needs at least two results names, comma-separated")
+        rows, sources = merge(names, args.results)
+        # Seconds from different sessions' machines do not average into a timing; the rows keep their own.
+        summary = [s | {"end_to_end_s_mean": None, "end_to_end_s_std": None} for s in summarize(rows)]
+        write(args.name, args.results, source | {"merged": sources}, rows, 1, summary)
+        return
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
-    source = provenance(__file__, sys.argv[1:])  # the tree the runs start from, not whatever it is when they end
 
     def one(family: str, seed: int | None) -> dict:
         out = Path(args.runs) / (f"{args.name}-{family}" + ("" if seed is None else f"-seed{seed}"))
@@ -96,13 +147,20 @@ def main():
     # --jobs > 1 runs that many runs side by side (give each run.threads=1): their times then share the cores.
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda fs: one(*fs), [(f, s) for f in args.families.split(",") for s in seeds]))
-    RESULTS.mkdir(exist_ok=True)
-    summary = summarize(rows) if len(seeds) > 1 else []
-    result = source | {"cpu_threads": os.cpu_count(), "jobs": args.jobs, "rows": rows, "summary": summary}
-    atomic_write_json(RESULTS / f"{args.name}.json", result)
-    lines = [f"# {args.name}", "", provenance_line(source), ""]
-    if args.jobs > 1:
-        lines += [f"{args.jobs} runs side by side on {os.cpu_count()} cores: their seconds are contended.", ""]
+    write(args.name, args.results, source, rows, args.jobs, summarize(rows) if len(seeds) > 1 else [])
+
+
+def write(name: str, results: Path, source: dict, rows: list[dict], jobs: int, summary: list[dict]) -> None:
+    results.mkdir(exist_ok=True)
+    result = source | {"cpu_threads": os.cpu_count(), "jobs": jobs, "rows": rows, "summary": summary}
+    atomic_write_json(results / f"{name}.json", result)
+    lines = [f"# {name}", "", provenance_line(source), ""]
+    if "merged" in source:
+        lines += ["The seeds were read by separate runs, each on its own machine and session, so their seconds compare "
+                  "only within a row:", ""]
+        lines += [f"- `{m['name']}`: " + provenance_line(m) for m in source["merged"]] + [""]
+    if jobs > 1:
+        lines += [f"{jobs} runs side by side on {os.cpu_count()} cores: their seconds are contended.", ""]
     lines += ["| family | seed | accuracy | centralized | ratio | train s | sample s | classifier s | end-to-end s | "
               "bytes/module | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -117,8 +175,8 @@ def main():
         for s in summary:
             lines.append(f"| {s['family']} | {s['seeds']} | {spread(s, 'accuracy', 4)} | "
                          f"{spread(s, 'centralized_accuracy', 4)} | {spread(s, 'ratio', 3)} | "
-                         f"{s['end_to_end_s_mean']:.0f} |")
-    atomic_write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
+                         f"{num(s['end_to_end_s_mean'], 0)} |")
+    atomic_write_text(results / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

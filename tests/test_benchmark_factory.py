@@ -1,0 +1,69 @@
+"""benchmarks/factory.py --merge: seeds read by separate runs join into one table only when they are one recipe."""
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "factory.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("factory_benchmark", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def results_file(root: Path, name: str, seed: int, accuracy: float, machine: str = "run.threads=2",
+                 recipe: str = "classifier.mode=local synthesis.local_real_copies=2") -> None:
+    command = (f"python -m fedfactory.cli run --config fashion-mnist run.out=/runs/{name} generator.family=aegmm "
+               f"run.progress=false {recipe} {machine} run.seed={seed}")
+    row = {"family": "aegmm", "seed": seed, "command": command, "accuracy": accuracy, "centralized_accuracy": None,
+           "ratio": None, "train_s": 900.0 + seed, "sample_s": 70.0, "classifier_s": 8000.0,
+           "end_to_end_s": 9000.0 + 1000 * seed, "bytes_per_module": 1377374.0, "peak_rss_mib": 2100.0}
+    data = {"command": f"python benchmarks/factory.py --seeds {seed} --name {name}", "git_commit": f"{seed}" * 40,
+            "git_dirty": False, "rows": [row], "summary": []}
+    (root / f"{name}.json").write_text(json.dumps(data))
+
+
+def test_merge_joins_one_recipes_seeds_and_names_each_source(bench, tmp_path):
+    results_file(tmp_path, "r-s0", 0, 0.8969)
+    # Another machine setting (worker processes, thread count) is the same recipe.
+    results_file(tmp_path, "r-s1", 1, 0.9011, machine="run.threads=2 run.workers=2")
+    results_file(tmp_path, "r-s2", 2, 0.8990, machine="run.threads=1")
+    bench.main(["--merge", "r-s0,r-s1,r-s2", "--name", "r-seeds", "--results", str(tmp_path)])
+    merged = json.loads((tmp_path / "r-seeds.json").read_text())
+    assert [r["seed"] for r in merged["rows"]] == [0, 1, 2]
+    (entry,) = merged["summary"]
+    assert entry["seeds"] == 3
+    assert entry["accuracy_mean"] == pytest.approx(statistics.mean([0.8969, 0.9011, 0.8990]))
+    assert entry["accuracy_std"] == pytest.approx(statistics.stdev([0.8969, 0.9011, 0.8990]))
+    assert entry["end_to_end_s_mean"] is None  # seconds of different machines do not average into a timing
+    assert [m["git_commit"] for m in merged["merged"]] == ["0" * 40, "1" * 40, "2" * 40]
+    text = (tmp_path / "r-seeds.md").read_text()
+    assert "| aegmm | 3 | 0.8990 ± 0.0021 | - | - | - |" in text
+    assert "- `r-s1`: Command: `python benchmarks/factory.py --seeds 1 --name r-s1` at commit `111111111111`" in text
+
+
+@pytest.mark.parametrize("second, message", [
+    (dict(seed=1, accuracy=0.9, recipe="classifier.mode=local synthesis.local_real_copies=1"), "differ in more than"),
+    (dict(seed=0, accuracy=0.9), "each must name its own seed"),
+])
+def test_merge_refuses_two_recipes_or_a_repeated_seed(bench, tmp_path, second, message):
+    results_file(tmp_path, "a", 0, 0.8969)
+    results_file(tmp_path, "b", **second)
+    with pytest.raises(SystemExit, match=message):
+        bench.main(["--merge", "a,b", "--name", "ab", "--results", str(tmp_path)])
+    assert not (tmp_path / "ab.json").exists()
+
+
+def test_merge_names_a_missing_results_file(bench, tmp_path):
+    results_file(tmp_path, "a", 0, 0.8969)
+    with pytest.raises(SystemExit, match="nope.json does not exist"):
+        bench.main(["--merge", "a,nope", "--name", "x", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="at least two"):
+        bench.main(["--merge", "a", "--name", "x", "--results", str(tmp_path)])
