@@ -50,8 +50,15 @@ def run_one(config: str, family: str, seed: int | None, out: Path, overrides: li
             "train_s": m["timings"].get("client_training"), "sample_s": m["timings"]["synthesis"],
             "classifier_s": m["timings"]["classifier"], "end_to_end_s": m["timings"]["end_to_end"],
             "reference_s": m["timings"].get("reference"), "bytes_per_module": sum(sizes) / len(sizes),
+            "bytes_down_per_client": bytes_down(m),
             "peak_rss_mib": int(peak.group(1)) / 1024 if peak else None,
             "classifier_input_blur": m.get("classifier_input_blur")}
+
+
+def bytes_down(metrics: dict) -> list[int] | None:
+    """Local mode's smallest and largest download of one client (the other clients' modules); None in server mode."""
+    down = list(metrics["bytes"].get("down_per_client", {}).values())
+    return [min(down), max(down)] if down else None
 
 
 def num(x: float | None, digits: int) -> str:
@@ -99,7 +106,14 @@ def merge(names: list[str], results: Path) -> tuple[list[dict], list[dict]]:
                              "without .json")
         data = json.loads(path.read_text())
         sources.append({"name": name} | {k: data.get(k) for k in ("command", "git_commit", "git_dirty")})
-        rows += data["rows"]
+        for row in data["rows"]:
+            # Rows written before they carried the download read it from their run's metrics.json, if still there.
+            out = next((t.removeprefix("run.out=") for t in row["command"].split() if t.startswith("run.out=")), None)
+            if "bytes_down_per_client" not in row:
+                metrics = Path(out) / "metrics.json" if out else None
+                row["bytes_down_per_client"] = (bytes_down(json.loads(metrics.read_text()))
+                                                if metrics and metrics.is_file() else None)
+            rows.append(row)
     for r in rows[1:]:
         if recipe(r["command"]) != recipe(rows[0]["command"]):
             mine, first = recipe(r["command"]), recipe(rows[0]["command"])
@@ -169,6 +183,10 @@ def write(name: str, results: Path, source: dict, rows: list[dict], jobs: int, s
                      f"{num(r['ratio'], 3)} | "
                      f"{r['train_s']:.0f} | {r['sample_s']:.0f} | {r['classifier_s']:.0f} | {r['end_to_end_s']:.0f} | "
                      f"{r['bytes_per_module']:.0f} | {r['peak_rss_mib'] or float('nan'):.0f} |")
+    if any(r.get("bytes_down_per_client") for r in rows):
+        lines += ["", "Bytes down per client (local mode: the other clients' modules), smallest to largest: " +
+                  "; ".join(f"seed {r['seed']}: " + ("-" if not (d := r.get("bytes_down_per_client")) else
+                                                     f"{d[0]:,} to {d[1]:,}") for r in rows)]
     if summary:
         lines += ["", "Mean and sample standard deviation over seeds:", "",
                   "| family | seeds | accuracy | centralized | ratio | end-to-end s |", "|---|---|---|---|---|---|"]

@@ -20,7 +20,8 @@ def bench():
 
 def results_file(root: Path, name: str, seed: int, accuracy: float, machine: str = "run.threads=2",
                  recipe: str = "classifier.mode=local synthesis.local_real_copies=2") -> None:
-    command = (f"python -m fedfactory.cli run --config fashion-mnist run.out=/runs/{name} generator.family=aegmm "
+    command = (f"python -m fedfactory.cli run --config fashion-mnist run.out={root / 'runs' / name} "
+               "generator.family=aegmm "
                f"run.progress=false {recipe} {machine} run.seed={seed}")
     row = {"family": "aegmm", "seed": seed, "command": command, "accuracy": accuracy, "centralized_accuracy": None,
            "ratio": None, "train_s": 900.0 + seed, "sample_s": 70.0, "classifier_s": 8000.0,
@@ -35,6 +36,10 @@ def test_merge_joins_one_recipes_seeds_and_names_each_source(bench, tmp_path):
     # Another machine setting (worker processes, thread count) is the same recipe.
     results_file(tmp_path, "r-s1", 1, 0.9011, machine="run.threads=2 run.workers=2")
     results_file(tmp_path, "r-s2", 2, 0.8990, machine="run.threads=1")
+    # Seed 1's run directory is still there: its download is read from the metrics.json it wrote.
+    (tmp_path / "runs" / "r-s1").mkdir(parents=True)
+    down = {"0": 12396348, "1": 12396356, "2": 12396356}
+    (tmp_path / "runs" / "r-s1" / "metrics.json").write_text(json.dumps({"bytes": {"down_per_client": down}}))
     bench.main(["--merge", "r-s0,r-s1,r-s2", "--name", "r-seeds", "--results", str(tmp_path)])
     merged = json.loads((tmp_path / "r-seeds.json").read_text())
     assert [r["seed"] for r in merged["rows"]] == [0, 1, 2]
@@ -44,8 +49,10 @@ def test_merge_joins_one_recipes_seeds_and_names_each_source(bench, tmp_path):
     assert entry["accuracy_std"] == pytest.approx(statistics.stdev([0.8969, 0.9011, 0.8990]))
     assert entry["end_to_end_s_mean"] is None  # seconds of different machines do not average into a timing
     assert [m["git_commit"] for m in merged["merged"]] == ["0" * 40, "1" * 40, "2" * 40]
+    assert [r["bytes_down_per_client"] for r in merged["rows"]] == [None, [12396348, 12396356], None]
     text = (tmp_path / "r-seeds.md").read_text()
     assert "| aegmm | 3 | 0.8990 ± 0.0021 | - | - | - |" in text
+    assert "seed 0: -; seed 1: 12,396,348 to 12,396,356; seed 2: -" in text
     assert "- `r-s1`: Command: `python benchmarks/factory.py --seeds 1 --name r-s1` at commit `111111111111`" in text
 
 
