@@ -92,8 +92,8 @@ MACHINE_SETTINGS = ("run.out=", "run.seed=", "run.threads=", "run.workers=", "ru
 
 
 def recipe(command: str) -> list[str]:
-    """A row's `fedfactory run` command without its machine settings."""
-    return [t for t in command.split() if not t.startswith(MACHINE_SETTINGS)]
+    """A row's `fedfactory run` command without its machine settings and its family (a row's own column)."""
+    return [t for t in command.split() if not t.startswith((*MACHINE_SETTINGS, "generator.family="))]
 
 
 def merge(names: list[str], results: Path) -> tuple[list[dict], list[dict]]:
@@ -119,9 +119,10 @@ def merge(names: list[str], results: Path) -> tuple[list[dict], list[dict]]:
             mine, first = recipe(r["command"]), recipe(rows[0]["command"])
             raise SystemExit(f"--merge: the runs differ in more than machine settings: {' '.join(mine)!r} against "
                              f"{' '.join(first)!r}; merge only one recipe's seeds")
-    seeds = [r["seed"] for r in rows]
-    if None in seeds or len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--merge: the runs' root seeds are {seeds}; each must name its own seed (--seeds)")
+    seeds = [(r["family"], r["seed"]) for r in rows]
+    if any(seed is None for _, seed in seeds) or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: the runs' families and root seeds are {seeds}; each run of a family must name its "
+                         "own seed (--seeds)")
     return rows, sources
 
 
@@ -185,8 +186,9 @@ def write(name: str, results: Path, source: dict, rows: list[dict], jobs: int, s
                      f"{r['bytes_per_module']:.0f} | {r['peak_rss_mib'] or float('nan'):.0f} |")
     if any(r.get("bytes_down_per_client") for r in rows):
         lines += ["", "Bytes down per client (local mode: the other clients' modules), smallest to largest: " +
-                  "; ".join(f"seed {r['seed']}: " + ("-" if not (d := r.get("bytes_down_per_client")) else
-                                                     f"{d[0]:,} to {d[1]:,}") for r in rows)]
+                  "; ".join(("" if len({x["family"] for x in rows}) == 1 else f"{r['family']} ") + f"seed {r['seed']}: "
+                            + ("-" if not (d := r.get("bytes_down_per_client")) else f"{d[0]:,} to {d[1]:,}")
+                            for r in rows)]
     if summary:
         lines += ["", "Mean and sample standard deviation over seeds:", "",
                   "| family | seeds | accuracy | centralized | ratio | end-to-end s |", "|---|---|---|---|---|---|"]

@@ -19,11 +19,11 @@ def bench():
 
 
 def results_file(root: Path, name: str, seed: int, accuracy: float, machine: str = "run.threads=2",
-                 recipe: str = "classifier.mode=local synthesis.local_real_copies=2") -> None:
+                 recipe: str = "classifier.mode=local synthesis.local_real_copies=2", family: str = "aegmm") -> None:
     command = (f"python -m fedfactory.cli run --config fashion-mnist run.out={root / 'runs' / name} "
-               "generator.family=aegmm "
+               f"generator.family={family} "
                f"run.progress=false {recipe} {machine} run.seed={seed}")
-    row = {"family": "aegmm", "seed": seed, "command": command, "accuracy": accuracy, "centralized_accuracy": None,
+    row = {"family": family, "seed": seed, "command": command, "accuracy": accuracy, "centralized_accuracy": None,
            "ratio": None, "train_s": 900.0 + seed, "sample_s": 70.0, "classifier_s": 8000.0,
            "end_to_end_s": 9000.0 + 1000 * seed, "bytes_per_module": 1377374.0, "peak_rss_mib": 2100.0}
     data = {"command": f"python benchmarks/factory.py --seeds {seed} --name {name}", "git_commit": f"{seed}" * 40,
@@ -58,7 +58,7 @@ def test_merge_joins_one_recipes_seeds_and_names_each_source(bench, tmp_path):
 
 @pytest.mark.parametrize("second, message", [
     (dict(seed=1, accuracy=0.9, recipe="classifier.mode=local synthesis.local_real_copies=1"), "differ in more than"),
-    (dict(seed=0, accuracy=0.9), "each must name its own seed"),
+    (dict(seed=0, accuracy=0.9), "must name its own seed"),
 ])
 def test_merge_refuses_two_recipes_or_a_repeated_seed(bench, tmp_path, second, message):
     results_file(tmp_path, "a", 0, 0.8969)
@@ -66,6 +66,16 @@ def test_merge_refuses_two_recipes_or_a_repeated_seed(bench, tmp_path, second, m
     with pytest.raises(SystemExit, match=message):
         bench.main(["--merge", "a,b", "--name", "ab", "--results", str(tmp_path)])
     assert not (tmp_path / "ab.json").exists()
+
+
+def test_merge_keeps_each_family_apart(bench, tmp_path):
+    for family, accuracy in (("aegmm", 0.89), ("edm", 0.80)):
+        for seed in (0, 1):
+            results_file(tmp_path, f"{family}-s{seed}", seed, accuracy + 0.01 * seed, family=family)
+    bench.main(["--merge", "aegmm-s0,aegmm-s1,edm-s0,edm-s1", "--name", "both", "--results", str(tmp_path)])
+    summary = json.loads((tmp_path / "both.json").read_text())["summary"]
+    assert [(s["family"], s["seeds"], round(s["accuracy_mean"], 4)) for s in summary] == [("aegmm", 2, 0.895),
+                                                                                          ("edm", 2, 0.805)]
 
 
 def test_merge_names_a_missing_results_file(bench, tmp_path):
