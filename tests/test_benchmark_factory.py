@@ -84,3 +84,15 @@ def test_merge_names_a_missing_results_file(bench, tmp_path):
         bench.main(["--merge", "a,nope", "--name", "x", "--results", str(tmp_path)])
     with pytest.raises(SystemExit, match="at least two"):
         bench.main(["--merge", "a", "--name", "x", "--results", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_a_local_mode_row_records_what_each_client_downloads(bench, tmp_path):
+    bench.main(["--config", "tiny", "--name", "t", "--seeds", "0", "--runs", str(tmp_path / "runs"), "--results",
+                str(tmp_path), "classifier.mode=local"])
+    (row,) = json.loads((tmp_path / "t.json").read_text())["rows"]
+    metrics = json.loads((tmp_path / "runs" / "t-aegmm-seed0" / "metrics.json").read_text())
+    per_module = metrics["bytes"]["per_module"].values()
+    # Silos: each client downloads every module but its own.
+    assert row["bytes_down_per_client"] == [sum(per_module) - max(per_module), sum(per_module) - min(per_module)]
+    assert row["mode"] == "local" and row["seed"] == 0
