@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import validation_split  # noqa: E402
 
 from fedfactory.classifier import predict_log_proba, train_classifier  # noqa: E402
-from fedfactory.config import load_config  # noqa: E402
+from fedfactory.config import ConfigError, load_config  # noqa: E402
 from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.metrics import evaluate  # noqa: E402
 from fedfactory.runs import provenance  # noqa: E402
@@ -37,9 +37,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", default="benchmarks/results/ceiling.jsonl")
     args = p.parse_args()
+    if not Path(args.results).parent.is_dir():  # before minutes of training, not after
+        raise SystemExit(f"--results {args.results}: its folder does not exist; create it or name another file")
     source = provenance(__file__, sys.argv[1:])
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [f"classifier.{kv}" for kv in args.cls])
+    try:
+        cfg = load_config(args.config, [f"classifier.{kv}" for kv in args.cls])
+    except ConfigError as e:
+        raise SystemExit(f"--config/--cls: {e}") from None
     train, _ = load_data(cfg.data)  # the test set is not used
     fit, val = validation_split(train.labels)
     t0 = time.perf_counter()

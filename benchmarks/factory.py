@@ -104,21 +104,26 @@ def merge(names: list[str], results: Path) -> tuple[list[dict], list[dict]]:
         if not path.is_file():
             raise SystemExit(f"--merge: {path} does not exist; name results files of benchmarks/factory.py, "
                              "without .json")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+            file_rows = data["rows"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SystemExit(f"--merge: {path} is not a results file of benchmarks/factory.py ({e!r}); rerun the "
+                             "seed it held or leave it out") from None
         sources.append({"name": name} | {k: data.get(k) for k in ("command", "git_commit", "git_dirty")})
-        for row in data["rows"]:
-            # Rows written before they carried the download read it from their run's metrics.json, if still there.
-            out = next((t.removeprefix("run.out=") for t in row["command"].split() if t.startswith("run.out=")), None)
-            if "bytes_down_per_client" not in row:
-                metrics = Path(out) / "metrics.json" if out else None
-                row["bytes_down_per_client"] = (bytes_down(json.loads(metrics.read_text()))
-                                                if metrics and metrics.is_file() else None)
+        for row in file_rows:
+            if "bytes_down_per_client" not in row:  # written before rows carried it: its run's metrics.json, if kept
+                out = next((t.removeprefix("run.out=") for t in row["command"].split() if t.startswith("run.out=")), "")
+                metrics = Path(out) / "metrics.json"
+                kept = out and metrics.is_file()
+                row["bytes_down_per_client"] = bytes_down(json.loads(metrics.read_text())) if kept else None
             rows.append(row)
+    first = recipe(rows[0]["command"])
     for r in rows[1:]:
-        if recipe(r["command"]) != recipe(rows[0]["command"]):
-            mine, first = recipe(r["command"]), recipe(rows[0]["command"])
-            raise SystemExit(f"--merge: the runs differ in more than machine settings: {' '.join(mine)!r} against "
-                             f"{' '.join(first)!r}; merge only one recipe's seeds")
+        if recipe(r["command"]) != first:
+            raise SystemExit(f"--merge: the runs differ in more than machine settings: "
+                             f"{' '.join(recipe(r['command']))!r} against {' '.join(first)!r}; merge only one recipe's "
+                             "seeds")
     seeds = [(r["family"], r["seed"]) for r in rows]
     if any(seed is None for _, seed in seeds) or len(set(seeds)) != len(seeds):
         raise SystemExit(f"--merge: the runs' families and root seeds are {seeds}; each run of a family must name its "
@@ -141,8 +146,11 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     source = provenance(__file__, argv)  # the tree the runs start from, not whatever it is when they end
     if args.merge:
-        if args.overrides:
-            raise SystemExit("--merge joins finished results; it takes no overrides")
+        ignored = [f"--{k}" for k in ("config", "families", "seeds", "runs", "jobs")
+                   if getattr(args, k) != p.get_default(k)]
+        if args.overrides or ignored:
+            raise SystemExit(f"--merge joins finished results; it takes no {' '.join(ignored) or 'overrides'} (each "
+                             "results file records its own)")
         names = args.merge.split(",")
         if len(names) < 2:
             raise SystemExit("--merge needs at least two results names, comma-separated")
@@ -167,11 +175,12 @@ def main(argv: list[str] | None = None):
 
 def write(name: str, results: Path, source: dict, rows: list[dict], jobs: int, summary: list[dict]) -> None:
     results.mkdir(exist_ok=True)
-    result = source | {"cpu_threads": os.cpu_count(), "jobs": jobs, "rows": rows, "summary": summary}
-    atomic_write_json(results / f"{name}.json", result)
+    # A merge ran nothing: the machine that joined the files says nothing about the rows' seconds.
+    machine = {} if "merged" in source else {"cpu_threads": os.cpu_count(), "jobs": jobs}
+    atomic_write_json(results / f"{name}.json", source | machine | {"rows": rows, "summary": summary})
     lines = [f"# {name}", "", provenance_line(source), ""]
     if "merged" in source:
-        lines += ["The seeds were read by separate runs, each on its own machine and session, so their seconds compare "
+        lines += ["The seeds were read by separate runs, possibly on different machines, so their seconds compare "
                   "only within a row:", ""]
         lines += [f"- `{m['name']}`: " + provenance_line(m) for m in source["merged"]] + [""]
     if jobs > 1:
@@ -185,10 +194,15 @@ def write(name: str, results: Path, source: dict, rows: list[dict], jobs: int, s
                      f"{r['train_s']:.0f} | {r['sample_s']:.0f} | {r['classifier_s']:.0f} | {r['end_to_end_s']:.0f} | "
                      f"{r['bytes_per_module']:.0f} | {r['peak_rss_mib'] or float('nan'):.0f} |")
     if any(r.get("bytes_down_per_client") for r in rows):
+        several = len({r["family"] for r in rows}) > 1
+
+        def down(r: dict) -> str:
+            d = r.get("bytes_down_per_client")
+            who = (f"{r['family']} " if several else "") + f"seed {r['seed']}: "
+            return who + (f"{d[0]:,} to {d[1]:,}" if d else "-")
+
         lines += ["", "Bytes down per client (local mode: the other clients' modules), smallest to largest: " +
-                  "; ".join(("" if len({x["family"] for x in rows}) == 1 else f"{r['family']} ") + f"seed {r['seed']}: "
-                            + ("-" if not (d := r.get("bytes_down_per_client")) else f"{d[0]:,} to {d[1]:,}")
-                            for r in rows)]
+                  "; ".join(down(r) for r in rows)]
     if summary:
         lines += ["", "Mean and sample standard deviation over seeds:", "",
                   "| family | seeds | accuracy | centralized | ratio | end-to-end s |", "|---|---|---|---|---|---|"]

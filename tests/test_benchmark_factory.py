@@ -78,12 +78,19 @@ def test_merge_keeps_each_family_apart(bench, tmp_path):
                                                                                           ("edm", 2, 0.805)]
 
 
-def test_merge_names_a_missing_results_file(bench, tmp_path):
+def test_merge_names_a_missing_or_corrupt_file_and_an_option_it_would_ignore(bench, tmp_path):
     results_file(tmp_path, "a", 0, 0.8969)
-    with pytest.raises(SystemExit, match="nope.json does not exist"):
-        bench.main(["--merge", "a,nope", "--name", "x", "--results", str(tmp_path)])
-    with pytest.raises(SystemExit, match="at least two"):
-        bench.main(["--merge", "a", "--name", "x", "--results", str(tmp_path)])
+    (tmp_path / "cut.json").write_text('{"rows": [')
+    (tmp_path / "other.json").write_text('{"methods": []}')
+    for argv, message in ((["--merge", "a,nope"], "nope.json does not exist"),
+                          (["--merge", "a,cut"], "cut.json is not a results file"),
+                          (["--merge", "a,other"], "other.json is not a results file"),
+                          (["--merge", "a"], "at least two"),
+                          (["--merge", "a,a", "--seeds", "0,1"], "takes no --seeds"),
+                          (["--merge", "a,a", "run.threads=1"], "takes no overrides")):
+        with pytest.raises(SystemExit, match=message):
+            bench.main([*argv, "--name", "x", "--results", str(tmp_path)])
+    assert not (tmp_path / "x.json").exists()
 
 
 @pytest.mark.slow
