@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from fedfactory.classifier import classifier_from_state, predict_log_proba
 from fedfactory.config import load_config
 from fedfactory.data.datasets import load_dataset
-from fedfactory.federation.factory import combine_experts
+from fedfactory.federation.factory import combine_experts, expert_recipe
 from fedfactory.federation.runner import expert_path
 from fedfactory.metrics import evaluate
 from fedfactory.runs import atomic_write_json, atomic_write_text, provenance, provenance_line
@@ -48,7 +48,7 @@ def main():
     device = torch.device("cpu")
     log_probs = [predict_log_proba(classifier_from_state(
         load_file(expert_path(args.run, k)), test.images.shape[3], test.num_classes,
-        cfg.classifier, metrics["classifier_input_blur"]), test.images, device) for k in experts]
+        expert_recipe(cfg.classifier), metrics["classifier_input_blur"]), test.images, device) for k in experts]
     scored = evaluate(combine_experts(log_probs, histogram[experts], args.combine), test.labels, test.class_names)
     source = provenance(__file__, sys.argv[1:])
     row = {"run": str(args.run), "combine": args.combine, "run_combine": cfg.classifier.combine,

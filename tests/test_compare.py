@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from fedfactory.classifier import TrainingError, classifier_from_state
 from fedfactory.cli import main
 from fedfactory.config import ClassifierConfig, ConfigError, load_config
 from fedfactory.data.images import ImageDataset
@@ -153,22 +155,31 @@ def test_local_training_set_fills_every_class_up_to_samples_per_class(compared):
         local_training_set(client, registry, 40, cfg.run.seed, select_device("cpu"), 100, real_copies=0)
 
 
-def test_classifier_local_epochs_trains_the_experts_only(tmp_path, monkeypatch):
-    # classifier.local_epochs: every expert of a local-mode run trains that many epochs, while the centralized
-    # reference (like server mode's classifier) keeps classifier.epochs. Recorded at the runner's own calls.
+def test_classifier_local_recipe_trains_the_experts_only(tmp_path, monkeypatch):
+    # classifier.local_epochs and classifier.local_width: every expert of a local-mode run trains that many epochs
+    # at that width, while the centralized reference (like server mode's classifier) keeps classifier.epochs and
+    # classifier.width. Recorded at the runner's own calls; the saved experts have the expert's width.
     trained, train = [], runner.train_classifier
 
     def recording(images, labels, num_classes, cfg, *args, **kwargs):
-        trained.append((kwargs.get("desc", ""), cfg.epochs))
+        trained.append((kwargs.get("desc", ""), cfg.epochs, cfg.width))
         return train(images, labels, num_classes, cfg, *args, **kwargs)
 
     monkeypatch.setattr(runner, "train_classifier", recording)
-    runner.run(load_config("tiny", [f"run.out={tmp_path / 'run'}", "classifier.mode=local", "classifier.epochs=1",
-                                    "classifier.local_epochs=2"]))
-    assert sorted(trained) == [("centralized", 1)] + [(f"expert {k}", 2) for k in range(10)], trained
-    assert expert_recipe(ClassifierConfig(epochs=3)) == ClassifierConfig(epochs=3)  # 0: classifier.epochs
-    with pytest.raises(ConfigError, match="classifier.local_epochs=-1"):
-        load_config("tiny", ["classifier.local_epochs=-1"])
+    out = tmp_path / "run"
+    runner.run(load_config("tiny", [f"run.out={out}", "classifier.mode=local", "classifier.epochs=1",
+                                    "classifier.local_epochs=2", "classifier.local_width=12"]))
+    assert sorted(trained) == [("centralized", 1, 8)] + [(f"expert {k}", 2, 12) for k in range(10)], trained
+    cfg = load_config(str(out / "config.toml"))
+    state = load_file(runner.expert_path(out, 0))
+    blur = json.loads((out / "metrics.json").read_text())["classifier_input_blur"]
+    with pytest.raises(TrainingError, match="width 8"):
+        classifier_from_state(state, 1, 10, cfg.classifier, blur)
+    classifier_from_state(state, 1, 10, expert_recipe(cfg.classifier), blur)
+    assert expert_recipe(ClassifierConfig(epochs=3)) == ClassifierConfig(epochs=3)  # 0: the classifier's own
+    for key in ("local_epochs", "local_width"):
+        with pytest.raises(ConfigError, match=f"classifier.{key}=-1"):
+            load_config("tiny", [f"classifier.{key}=-1"])
 
 
 def test_parse_methods_accepts_known_names_only():

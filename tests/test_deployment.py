@@ -37,7 +37,7 @@ from fedfactory.config import ConfigError, class_list, config_hash, load_config,
 from fedfactory.data.datasets import load_data  # noqa: E402
 from fedfactory.data.folders import read_class_folders, write_class_folders  # noqa: E402
 from fedfactory.data.images import DatasetError  # noqa: E402
-from fedfactory.federation.factory import combine_experts, product_of_experts  # noqa: E402
+from fedfactory.federation.factory import combine_experts, expert_recipe, product_of_experts  # noqa: E402
 from fedfactory.federation.intake import ReplyError, counts_limit, load_pins  # noqa: E402
 from fedfactory.federation.records import Roster  # noqa: E402
 from fedfactory.flower import client_app as client_app_module  # noqa: E402
@@ -404,19 +404,21 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
     # modules and, with synthesis.local_synthetic=all, its own back (a ClientApp keeps none), trains its expert on
     # 40 synthetic images of every class, and the experts, combined by the holders rule (each class scored by the
     # sites holding its real images, as the sites reported them), are scored at the sites by counts. Each site's
-    # expert trains classifier.local_epochs passes (2), not the preset's classifier.epochs (1).
+    # expert trains classifier.local_epochs passes (2) at classifier.local_width channels (12), not the preset's
+    # classifier.epochs (1) and width (8); the server checks and the sites load the experts at that width.
     out = tmp_path / "local"
-    epochs, train = [], client_app_module.train_classifier
+    recipes, train = [], client_app_module.train_classifier
 
     def recording(images, labels, num_classes, cfg, *args, **kwargs):
-        epochs.append(cfg.epochs)
+        recipes.append((cfg.epochs, cfg.width))
         return train(images, labels, num_classes, cfg, *args, **kwargs)
 
     monkeypatch.setattr(client_app_module, "train_classifier", recording)
     with caplog.at_level(logging.INFO, logger="flwr"):
         metrics = serve_in_process(sites, out, monkeypatch, "classifier.mode=local", "synthesis.local_synthetic=all",
-                                   "classifier.combine=holders", "classifier.local_epochs=2")
-    assert epochs == [2] * len(SITES)
+                                   "classifier.combine=holders", "classifier.local_epochs=2",
+                                   "classifier.local_width=12")
+    assert recipes == [(2, 12)] * len(SITES)
     for s in SITES:
         assert re.search(rf"site {s}: expert trained on \d+ real \+ 400 synthetic images from 10 modules",
                          caplog.text), caplog.text
@@ -426,7 +428,8 @@ def test_local_mode_trains_experts_at_the_sites_and_combines_them(sites, tmp_pat
     tests = [read_class_folders(sites / s / "test", classes, cfg.data.image_size) for s in SITES]
     images, labels = np.concatenate([t.images for t in tests]), np.concatenate([t.labels for t in tests])
     log_probs = [predict_log_proba(classifier_from_state(load_file(out / "experts" / f"{s}.safetensors"), 1, 10,
-                                                         cfg.classifier, metrics["classifier_input_blur"]),
+                                                         expert_recipe(cfg.classifier),
+                                                         metrics["classifier_input_blur"]),
                                    images, torch.device("cpu")) for s in SITES]
     held = np.array([[metrics["flower"]["site_counts"][s].get(c, 0) for c in classes] for s in SITES])
     assert (held > 0).sum() < held.size  # sites hold different classes, so the rule differs from the product

@@ -94,6 +94,9 @@ class ClassifierConfig:
     # Local mode: passes over each expert's training set (0: classifier.epochs). An expert trains on one client's
     # set, so local mode can afford more passes than the server's classifier without the server paying for them.
     local_epochs: int = 0
+    # Local mode: each expert's base channels (0: classifier.width). Local mode reads the CNN's own ceiling on real
+    # images (benchmarks/ceiling.py), and a wider expert lifts that ceiling without the server's classifier paying.
+    local_width: int = 0
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 5e-4
@@ -201,7 +204,7 @@ POSITIVE = {
     ("generator", "max_epochs"): 0,
     ("synthesis", "samples_per_class"): 1, ("synthesis", "batch_size"): 1, ("synthesis", "local_real_copies"): 1,
     ("classifier", "width"): 1, ("classifier", "epochs"): 1, ("classifier", "local_epochs"): 0,
-    ("classifier", "batch_size"): 1,
+    ("classifier", "local_width"): 0, ("classifier", "batch_size"): 1,
     ("baselines", "rounds"): 1, ("baselines", "local_epochs"): 1, ("baselines", "local_steps"): 0,
     ("baselines", "batch_size"): 1, ("baselines", "clients_per_round"): 0,
     ("privacy", "decoder_steps"): 1, ("privacy", "decoder_batch_size"): 1,

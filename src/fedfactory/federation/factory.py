@@ -139,8 +139,10 @@ def local_training_set(client: ImageDataset, modules: list[Module], samples_per_
 
 
 def expert_recipe(cfg: ClassifierConfig) -> ClassifierConfig:
-    """A local-mode expert's classifier recipe: the classifier's, with classifier.local_epochs passes when set."""
-    return replace(cfg, epochs=cfg.local_epochs) if cfg.local_epochs else cfg
+    """A local-mode expert's classifier recipe: the classifier's, with classifier.local_epochs passes and
+    classifier.local_width channels where they are set (0: the classifier's own). Every place that trains or loads an
+    expert builds it from this recipe."""
+    return replace(cfg, epochs=cfg.local_epochs or cfg.epochs, width=cfg.local_width or cfg.width)
 
 
 def product_of_experts(log_probs: list[np.ndarray]) -> np.ndarray:

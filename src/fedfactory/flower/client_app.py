@@ -235,8 +235,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         # One classifier, or the experts of local mode, combined by classifier.combine with the real images per
         # class each trained on (sent by the server with the experts).
         weights = task.classifiers
+        recipe = expert_recipe(cfg.classifier) if cfg.classifier.mode == "local" else cfg.classifier
         log_probs = [predict_log_proba(classifier_from_state(load(w), test.images.shape[3], len(classes),
-                                                             cfg.classifier, task.input_blur).to(device),
+                                                             recipe, task.input_blur).to(device),
                                        test.images, device)
                      for w in weights.values()]
         held = None

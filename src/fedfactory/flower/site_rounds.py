@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 
 from fedfactory.config import Config, class_list, config_hash
 from fedfactory.data.folders import read_class_folders
-from fedfactory.federation.factory import bytes_per_client, local_synthetic_count
+from fedfactory.federation.factory import bytes_per_client, expert_recipe, local_synthetic_count
 from fedfactory.federation.intake import (
     MAX_SITE_IMAGES,
     ReplyError,
@@ -179,8 +179,8 @@ def expert_round(grid: Grid, fl: FlowerConfig, ctx: RunContext, got: TrainIntake
         try:
             if reply.has_error():
                 raise ReplyError(reply.error.reason)
-            weights = check_expert(parse_expert_reply(reply.content), site, channels, num_classes, cfg.classifier,
-                                   blur)
+            weights = check_expert(parse_expert_reply(reply.content), site, channels, num_classes,
+                                   expert_recipe(cfg.classifier), blur)
         except ReplyError as e:
             failed[site] = str(e)
             log.info("site %s: expert refused: %s", site, e)
