@@ -94,8 +94,8 @@ class ClassifierConfig:
     # Local mode: passes over each expert's training set (0: classifier.epochs). An expert trains on one client's
     # set, so local mode can afford more passes than the server's classifier without the server paying for them.
     local_epochs: int = 0
-    # Local mode: each expert's base channels (0: classifier.width). Local mode reads the CNN's own ceiling on real
-    # images (benchmarks/ceiling.py), and a wider expert lifts that ceiling without the server's classifier paying.
+    # Local mode: each expert's base channels (0: classifier.width). Local mode reads close to what the same CNN
+    # reaches on real images (benchmarks/ceiling.py); a wider expert lifts that ceiling without the server paying.
     local_width: int = 0
     batch_size: int = 128
     lr: float = 2e-3
